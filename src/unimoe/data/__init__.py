@@ -1,0 +1,1 @@
+"""Training data: record format, datasets, collation and the synthetic instruction set."""

@@ -1,0 +1,288 @@
+"""The Uni-MoE language model: LLaMA decoder layers with shared self-attention and sparse MoE FFNs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import ModelOutput
+from transformers.models.llama.modeling_llama import (
+    LlamaAttention,
+    LlamaMLP,
+    LlamaRMSNorm,
+    LlamaRotaryEmbedding,
+)
+
+from .configuration_unimoe_text import UniMoeTextConfig
+from .moe import GroupedExperts, UniMoeSparseMoeBlock, load_balancing_loss, router_z_loss
+
+
+@dataclass
+class UniMoeModelOutput(ModelOutput):
+    """Decoder output. ``router_logits[i]`` ``[T, E]`` and ``expert_indices[i]`` ``[T, k]`` belong to the
+    i-th MoE layer (``config.moe_layer_indices()[i]``); T = batch * sequence."""
+
+    last_hidden_state: torch.FloatTensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    router_logits: tuple[torch.FloatTensor, ...] | None = None
+    expert_indices: tuple[torch.LongTensor, ...] | None = None
+
+
+@dataclass
+class UniMoeCausalLMOutput(ModelOutput):
+    """Causal LM output. ``loss = lm_loss + aux_coef * aux_loss + z_coef * z_loss`` when labels are given;
+    ``aux_loss`` and ``z_loss`` are summed over MoE layers and reported unweighted."""
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    lm_loss: torch.FloatTensor | None = None
+    aux_loss: torch.FloatTensor | None = None
+    z_loss: torch.FloatTensor | None = None
+    router_logits: tuple[torch.FloatTensor, ...] | None = None
+    expert_indices: tuple[torch.LongTensor, ...] | None = None
+
+
+class UniMoeDecoderLayer(GradientCheckpointingLayer):
+    """Pre-norm block: self-attention shared by all modalities, then an MoE (or dense) SwiGLU FFN."""
+
+    def __init__(self, config: UniMoeTextConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = LlamaAttention(config=config, layer_idx=layer_idx)
+        self.is_moe = layer_idx in config.moe_layer_indices()
+        self.mlp = UniMoeSparseMoeBlock(config) if self.is_moe else LlamaMLP(config)
+        self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        residual = hidden_states
+        hidden_states, _ = self.self_attn(
+            hidden_states=self.input_layernorm(hidden_states),
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            position_embeddings=position_embeddings,
+            **kwargs,
+        )
+        hidden_states = residual + hidden_states
+        residual = hidden_states
+        hidden_states = self.post_attention_layernorm(hidden_states)
+        router_logits = expert_indices = None
+        if self.is_moe:
+            hidden_states, router_logits, expert_indices = self.mlp(hidden_states)
+        else:
+            hidden_states = self.mlp(hidden_states)
+        return residual + hidden_states, router_logits, expert_indices
+
+
+class UniMoePreTrainedModel(PreTrainedModel):
+    config_class = UniMoeTextConfig
+    config: UniMoeTextConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["UniMoeDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, GroupedExperts):
+            std = self.config.initializer_range
+            for name in module.projections:
+                init.normal_(getattr(module, name), mean=0.0, std=std)
+            if module.lora_rank:
+                module.reset_lora_parameters()
+
+
+class UniMoeTextModel(UniMoePreTrainedModel):
+    """The decoder stack without the LM head."""
+
+    def __init__(self, config: UniMoeTextConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(UniMoeDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = LlamaRotaryEmbedding(config=config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> UniMoeModelOutput:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if self.gradient_checkpointing and self.training:
+            use_cache = False
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        if position_ids is None:
+            past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen
+            position_ids = position_ids.unsqueeze(0)
+
+        causal_mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            position_ids=position_ids,
+        )
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
+        all_hidden: list[torch.Tensor] = []
+        router_logits: list[torch.Tensor] = []
+        expert_indices: list[torch.Tensor] = []
+        for layer in self.layers:
+            if output_hidden_states:
+                all_hidden.append(hidden_states)
+            hidden_states, logits, experts = layer(
+                hidden_states,
+                attention_mask=causal_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values if use_cache else None,
+                position_embeddings=position_embeddings,
+                **kwargs,
+            )
+            if logits is not None:
+                router_logits.append(logits)
+                expert_indices.append(experts)
+        hidden_states = self.norm(hidden_states)
+        if output_hidden_states:
+            all_hidden.append(hidden_states)
+        return UniMoeModelOutput(
+            last_hidden_state=hidden_states,
+            past_key_values=past_key_values if use_cache else None,
+            hidden_states=tuple(all_hidden) if output_hidden_states else None,
+            router_logits=tuple(router_logits),
+            expert_indices=tuple(expert_indices),
+        )
+
+
+def moe_losses(
+    router_logits: tuple[torch.Tensor, ...], token_mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Load-balancing and z-loss, each summed over the MoE layers."""
+    aux = sum(load_balancing_loss(logits, token_mask) for logits in router_logits)
+    z = sum(router_z_loss(logits, token_mask) for logits in router_logits)
+    return torch.as_tensor(aux), torch.as_tensor(z)
+
+
+class UniMoeForCausalLM(UniMoePreTrainedModel, GenerationMixin):
+    """Uni-MoE language model with an LM head; a drop-in transformers causal LM."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: UniMoeTextConfig):
+        super().__init__(config)
+        self.model = UniMoeTextModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_router_logits: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> UniMoeCausalLMOutput:
+        if output_router_logits is None:
+            output_router_logits = self.config.output_router_logits
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])
+
+        loss = lm_loss = aux_loss = z_loss = None
+        if labels is not None:
+            lm_loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+            seq_len = hidden_states.shape[1]
+            token_mask = None
+            if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[1] == seq_len:
+                token_mask = attention_mask
+            aux_loss, z_loss = moe_losses(outputs.router_logits, token_mask)
+            loss = lm_loss
+            if outputs.router_logits:
+                aux_loss, z_loss = aux_loss.to(lm_loss.device), z_loss.to(lm_loss.device)
+                loss = lm_loss + self.config.router_aux_loss_coef * aux_loss
+                if self.config.router_z_loss_coef:
+                    loss = loss + self.config.router_z_loss_coef * z_loss
+
+        return UniMoeCausalLMOutput(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            lm_loss=lm_loss,
+            aux_loss=aux_loss,
+            z_loss=z_loss,
+            router_logits=outputs.router_logits if output_router_logits else None,
+            expert_indices=outputs.expert_indices if output_router_logits else None,
+        )
+
+    def merge_expert_lora(self) -> None:
+        """Folds in-expert LoRA adapters into the expert weights (config updated to rank 0)."""
+        for module in self.modules():
+            if isinstance(module, GroupedExperts):
+                module.merge_lora()
+        self.config.expert_lora_rank = 0
