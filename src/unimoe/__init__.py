@@ -4,7 +4,9 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .errors import UniMoeInputError
 from .modeling.configuration_unimoe_text import UniMoeTextConfig
+from .modeling.conversion import convert_release_state_dict, load_release_language_model
 from .modeling.modeling_unimoe_text import UniMoeForCausalLM, UniMoeTextModel
+from .modeling.upcycling import upcycle_llama
 
 AutoConfig.register(UniMoeTextConfig.model_type, UniMoeTextConfig)
 AutoModel.register(UniMoeTextConfig, UniMoeTextModel)
@@ -15,5 +17,8 @@ __all__ = [
     "UniMoeInputError",
     "UniMoeTextConfig",
     "UniMoeTextModel",
+    "convert_release_state_dict",
+    "load_release_language_model",
+    "upcycle_llama",
 ]
 __version__ = "0.1.0"

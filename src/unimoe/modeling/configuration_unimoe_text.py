@@ -79,7 +79,9 @@ class UniMoeTextConfig(LlamaConfig):
                 "none": range(0),
             }
             if spec not in choices:
-                raise ValueError(f"moe_layers must be one of {sorted(choices)} or a list of ints, got {spec!r}")
+                raise ValueError(
+                    f"moe_layers must be one of {sorted(choices)} or a list of ints, got {spec!r}"
+                )
             return list(choices[spec])
         bad = [i for i in spec if not 0 <= i < n]
         if bad:

@@ -255,10 +255,16 @@ class UniMoeForCausalLM(UniMoePreTrainedModel, GenerationMixin):
 
         loss = lm_loss = aux_loss = z_loss = None
         if labels is not None:
-            lm_loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+            lm_loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs
+            )
             seq_len = hidden_states.shape[1]
             token_mask = None
-            if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[1] == seq_len:
+            if (
+                attention_mask is not None
+                and attention_mask.dim() == 2
+                and attention_mask.shape[1] == seq_len
+            ):
                 token_mask = attention_mask
             aux_loss, z_loss = moe_losses(outputs.router_logits, token_mask)
             loss = lm_loss

@@ -104,6 +104,12 @@ def grouped_mm_supported(x: torch.Tensor) -> bool:
     return False
 
 
+def _aligned(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """``_grouped_mm`` needs every row stride to be a multiple of 16 bytes."""
+    size = x.element_size()
+    return (weight.shape[1] * size) % 16 == 0 and (weight.shape[2] * size) % 16 == 0
+
+
 def grouped_linear(
     x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, use_grouped_mm: bool
 ) -> torch.Tensor:
@@ -111,7 +117,7 @@ def grouped_linear(
 
     ``x``: ``[N, in]``; ``weight``: ``[E, out, in]``; ``counts``: ``[E]`` rows per expert.
     """
-    if use_grouped_mm:
+    if use_grouped_mm and _aligned(x, weight):
         offs = counts.cumsum(0).to(torch.int32)
         return torch._grouped_mm(x, weight.transpose(1, 2), offs=offs)  # [N, out]
     # unbind once: indexing weight[e] per expert would send E full-size gradients through backward
@@ -140,7 +146,11 @@ class GroupedExperts(nn.Module):
         self.lora_rank = config.expert_lora_rank
         if self.lora_rank:
             r = self.lora_rank
-            for name, (out_dim, in_dim) in {"gate_proj": (i, d), "up_proj": (i, d), "down_proj": (d, i)}.items():
+            for name, (out_dim, in_dim) in {
+                "gate_proj": (i, d),
+                "up_proj": (i, d),
+                "down_proj": (d, i),
+            }.items():
                 self.register_parameter(f"{name}_lora_A", nn.Parameter(torch.empty(e, r, in_dim)))
                 self.register_parameter(f"{name}_lora_B", nn.Parameter(torch.zeros(e, out_dim, r)))
                 getattr(self, name).requires_grad_(False)
@@ -160,7 +170,10 @@ class GroupedExperts(nn.Module):
         out = grouped_linear(x, getattr(self, name), counts, use_gmm)
         if self.lora_rank:
             low = grouped_linear(self.lora_dropout(x), getattr(self, f"{name}_lora_A"), counts, use_gmm)
-            out = out + grouped_linear(low, getattr(self, f"{name}_lora_B"), counts, use_gmm) * self.lora_scaling
+            out = (
+                out
+                + grouped_linear(low, getattr(self, f"{name}_lora_B"), counts, use_gmm) * self.lora_scaling
+            )
         return out
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,228 @@
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
+)
+
+from unimoe import UniMoeForCausalLM, UniMoeTextConfig
+from unimoe.modeling.conversion import convert_release_state_dict, load_release_language_model
+from unimoe.modeling.upcycling import extract_ffn_state_dict, upcycle_llama
+
+SHAPE = dict(
+    vocab_size=96,
+    hidden_size=64,
+    intermediate_size=112,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    max_position_embeddings=128,
+    rms_norm_eps=1e-5,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+
+def dense_llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**SHAPE)).eval()
+
+
+def tiny_moe(seed: int = 0, **kw) -> UniMoeForCausalLM:
+    torch.manual_seed(seed)
+    return UniMoeForCausalLM(UniMoeTextConfig(**{**SHAPE, **kw})).eval()
+
+
+@pytest.mark.parametrize("router", ["topk_softmax", "softmax_topk"])
+@pytest.mark.parametrize("moe_layers", ["all", "even"])
+def test_upcycled_copies_equal_dense(router, moe_layers):
+    dense = dense_llama()
+    moe = upcycle_llama(dense, num_experts=4, router=router, moe_layers=moe_layers).eval()
+    with torch.no_grad():  # random routers: any routing must give the dense FFN back
+        for layer in moe.config.moe_layer_indices():
+            moe.model.layers[layer].mlp.gate.weight.normal_(std=1.0)
+    ids = torch.randint(3, 96, (2, 11))
+    with torch.no_grad():
+        diff = (moe(ids).logits - dense(ids).logits).abs().max()
+    assert diff < 1e-4
+
+
+def test_matches_transformers_mixtral():
+    moe = tiny_moe(router="topk_softmax", num_experts=4)
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.normal_(std=0.1)
+    cfg = MixtralConfig(
+        **{k: v for k, v in SHAPE.items()},
+        num_key_value_heads=4,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    )
+    mixtral = MixtralForCausalLM(cfg).eval()
+    state = {}
+    for key, value in moe.state_dict().items():
+        if key.endswith("mlp.experts.gate_proj"):
+            up = moe.state_dict()[key.replace("gate_proj", "up_proj")]
+            state[key.replace("gate_proj", "gate_up_proj")] = torch.cat([value, up], dim=1)
+        elif key.endswith("mlp.experts.up_proj"):
+            continue
+        else:
+            state[key] = value
+    missing, unexpected = mixtral.load_state_dict(state, strict=False)
+    assert not missing and not unexpected
+    ids = torch.randint(3, 96, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(moe(ids).logits, mixtral(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_generate_with_and_without_cache_batched():
+    moe = tiny_moe(num_experts=4, moe_layers=[0, 2])
+    ids = torch.randint(3, 96, (3, 8))
+    mask = torch.ones_like(ids)
+    ids[0, :3] = 0  # left padding
+    mask[0, :3] = 0
+    kw = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    cached = moe.generate(ids, use_cache=True, **kw)
+    uncached = moe.generate(ids, use_cache=False, **kw)
+    assert torch.equal(cached, uncached)
+    alone = moe.generate(
+        ids[1:2], attention_mask=mask[1:2], max_new_tokens=8, do_sample=False, pad_token_id=0
+    )
+    assert torch.equal(alone[0], cached[1])
+
+
+def test_save_load_round_trip_and_auto_class(tmp_path):
+    moe = tiny_moe(router="softmax_topk", num_experts=8, moe_layers="even", expert_lora_rank=4)
+    moe.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert isinstance(loaded, UniMoeForCausalLM)
+    assert loaded.config.moe_layer_indices() == [0, 2]
+    a, b = moe.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_loss_includes_weighted_aux_loss():
+    moe = tiny_moe(router_aux_loss_coef=0.5, router_z_loss_coef=0.1)
+    ids = torch.randint(3, 96, (2, 10))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    out = moe(ids, attention_mask=mask, labels=ids, output_router_logits=True)
+    assert len(out.router_logits) == 3 and out.router_logits[0].shape == (20, 4)
+    torch.testing.assert_close(out.loss, out.lm_loss + 0.5 * out.aux_loss + 0.1 * out.z_loss)
+    assert out.aux_loss > 0 and out.z_loss > 0
+
+
+def test_release_v1_keys_load(tmp_path):
+    moe = tiny_moe(num_experts=4)
+    release = {}
+    for key, value in moe.state_dict().items():
+        if ".mlp.experts." in key:
+            prefix, proj = key.rsplit(".", 1)
+            for i in range(value.shape[0]):
+                release[f"{prefix}.{i}.{proj}.weight"] = value[i].clone()
+        else:
+            release[key] = value.clone()
+    converted = convert_release_state_dict(release)
+    fresh = tiny_moe(seed=1, num_experts=4)
+    fresh.load_state_dict(converted, strict=True)
+    # the same through a release-style checkpoint directory with a config.json
+    torch.save(release, tmp_path / "pytorch_model.bin")
+    (tmp_path / "config.json").write_text(moe.config.to_json_string())
+    loaded = load_release_language_model(tmp_path)
+    ids = torch.randint(3, 96, (1, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, moe(ids).logits, atol=0, rtol=0)
+        torch.testing.assert_close(fresh(ids).logits, moe(ids).logits, atol=0, rtol=0)
+
+
+def test_release_8e_deepspeed_keys_convert():
+    moe = tiny_moe(num_experts=8, router="softmax_topk", expert_lora_rank=4)
+    release = {}
+    for key, value in moe.state_dict().items():
+        if ".mlp.gate." in key:
+            release[key.replace(".mlp.gate.", ".mlp.deepspeed_moe.gate.wg.")] = value
+        elif ".mlp.experts." in key:
+            prefix, name = key.rsplit(".experts.", 1)
+            for i in range(value.shape[0]):
+                release[f"{prefix}.deepspeed_moe.experts.deepspeed_experts.{i}.{name}.weight"] = value[i]
+        else:
+            release["base_model.model." + key] = value
+    converted = convert_release_state_dict(release)
+    assert converted.keys() == moe.state_dict().keys()
+    for k, v in moe.state_dict().items():
+        assert torch.equal(converted[k], v), k
+
+
+def test_upcycle_from_expert_sources():
+    dense = dense_llama()
+    donors = [dense_llama(seed=s) for s in (1, 2)]
+    sources = [extract_ffn_state_dict(d) for d in donors]
+    moe = upcycle_llama(dense, num_experts=3, ffn_sources=[sources[0], sources[1], sources[0]])
+    w = moe.model.layers[1].mlp.experts.gate_proj
+    assert torch.equal(w[0], donors[0].model.layers[1].mlp.gate_proj.weight)
+    assert torch.equal(w[1], donors[1].model.layers[1].mlp.gate_proj.weight)
+    assert torch.equal(w[2], w[0])
+    assert torch.equal(
+        moe.model.layers[1].self_attn.q_proj.weight, dense.model.layers[1].self_attn.q_proj.weight
+    )
+
+
+def test_gradient_checkpointing_same_gradients():
+    moe = tiny_moe(router_noise="gumbel", router="softmax_topk").train()
+    ids = torch.randint(3, 96, (2, 10))
+
+    def grads():
+        moe.zero_grad()
+        torch.manual_seed(3)
+        moe(ids, labels=ids).loss.backward()
+        return {n: p.grad.clone() for n, p in moe.named_parameters() if p.grad is not None}
+
+    plain = grads()
+    moe.activation_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    checkpointed = grads()
+    assert plain.keys() == checkpointed.keys()
+    for k in plain:
+        torch.testing.assert_close(plain[k], checkpointed[k], atol=1e-6, rtol=1e-5)
+
+
+def test_sdpa_equals_eager():
+    moe = tiny_moe()
+    ids = torch.randint(3, 96, (2, 12))
+    with torch.no_grad():
+        moe.set_attn_implementation("eager")
+        eager = moe(ids).logits
+        moe.set_attn_implementation("sdpa")
+        sdpa = moe(ids).logits
+    torch.testing.assert_close(eager, sdpa, atol=1e-5, rtol=1e-5)
+
+
+def test_peft_lora_on_attention_trains():
+    from peft import LoraConfig, get_peft_model
+
+    moe = tiny_moe().train()
+    peft_model = get_peft_model(moe, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    frozen = {n: p.detach().clone() for n, p in peft_model.named_parameters() if not p.requires_grad}
+    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    ids = torch.randint(3, 96, (2, 10))
+    losses = []
+    for _ in range(5):
+        opt.zero_grad()
+        loss = peft_model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    for n, p in peft_model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
+    merged = peft_model.merge_and_unload()
+    assert isinstance(merged, UniMoeForCausalLM)

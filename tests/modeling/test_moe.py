@@ -1,0 +1,157 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from unimoe import UniMoeTextConfig
+from unimoe.modeling.moe import (
+    UniMoeSparseMoeBlock,
+    expert_token_counts,
+    grouped_linear,
+    load_balancing_loss,
+    route,
+    router_z_loss,
+)
+
+
+def tiny_config(**kw) -> UniMoeTextConfig:
+    base = dict(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, vocab_size=64
+    )
+    return UniMoeTextConfig(**{**base, **kw})
+
+
+def reference_moe(block: UniMoeSparseMoeBlock, x: torch.Tensor) -> torch.Tensor:
+    """The release's design: a Python loop over experts with torch.where, per-token weights."""
+    t = x.reshape(-1, x.shape[-1])
+    logits = t.float() @ block.gate.weight.float().T
+    weights, experts = route(logits, block.top_k, block.router)
+    out = torch.zeros_like(t)
+    ex = block.experts
+    for e in range(block.num_experts):
+        tok, slot = torch.where(experts == e)
+        h = F.silu(t[tok] @ ex.gate_proj[e].T) * (t[tok] @ ex.up_proj[e].T)
+        out.index_add_(0, tok, (h @ ex.down_proj[e].T) * weights[tok, slot, None])
+    return out.view_as(x)
+
+
+@pytest.mark.parametrize("router", ["topk_softmax", "softmax_topk"])
+@pytest.mark.parametrize("dispatch", ["grouped_mm", "loop"])
+def test_block_matches_per_expert_loop(router, dispatch):
+    torch.manual_seed(0)
+    block = UniMoeSparseMoeBlock(tiny_config(router=router, moe_dispatch=dispatch, num_experts=4))
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    x = torch.randn(3, 5, 32)
+    y, logits, experts = block(x)
+    assert logits.shape == (15, 4) and experts.shape == (15, 2)
+    torch.testing.assert_close(y, reference_moe(block, x), atol=1e-5, rtol=1e-5)
+
+
+def test_routers_agree_for_top2_and_differ_in_normalisation():
+    # with k=2 the softmax over the 2 chosen logits equals the renormalised full softmax
+    logits = torch.randn(50, 8)
+    w1, e1 = route(logits, 2, "topk_softmax")
+    w2, e2 = route(logits, 2, "softmax_topk")
+    assert torch.equal(e1, e2)
+    torch.testing.assert_close(w1, w2)
+    torch.testing.assert_close(w1.sum(-1), torch.ones(50))
+    # hand-computed case
+    w, e = route(torch.tensor([[0.0, 1.0, 3.0, 2.0]]), 2, "topk_softmax")
+    assert e.tolist() == [[2, 3]]
+    torch.testing.assert_close(w, torch.tensor([[1 / (1 + math.exp(-1)), 1 / (1 + math.exp(1))]]))
+
+
+def test_gumbel_noise_only_in_training_and_first_choice_clean():
+    torch.manual_seed(0)
+    logits = torch.randn(400, 8)
+    clean_w, clean_e = route(logits, 2, "softmax_topk", noise="gumbel", training=False)
+    assert torch.equal(clean_e, route(logits, 2, "softmax_topk")[1])
+    _, noisy_e = route(logits, 2, "softmax_topk", noise="gumbel", training=True)
+    assert torch.equal(noisy_e[:, 0], logits.argmax(-1))
+    assert (noisy_e[:, 1] != clean_e[:, 1]).any()
+    assert (noisy_e[:, 0] != noisy_e[:, 1]).all()
+
+
+def test_load_balancing_loss_hand_computed():
+    logits = torch.log(
+        torch.tensor([[0.7, 0.2, 0.1], [0.6, 0.3, 0.1], [0.1, 0.1, 0.8], [0.5, 0.5, 0.0]]) + 1e-12
+    )
+    mask = torch.tensor([1, 1, 1, 0])
+    # top-1 fractions over 3 real tokens: e0 2/3, e1 0, e2 1/3; mean probs: e0 1.4/3, e1 0.6/3, e2 1.0/3
+    expected = 3 * (2 / 3 * 1.4 / 3 + 0.0 * 0.6 / 3 + 1 / 3 * 1.0 / 3)
+    torch.testing.assert_close(load_balancing_loss(logits, mask), torch.tensor(expected), atol=1e-5, rtol=0)
+    # perfectly balanced uniform router gives 1
+    torch.testing.assert_close(load_balancing_loss(torch.zeros(4, 4).fill_diagonal_(1e-3)), torch.tensor(1.0))
+    z = router_z_loss(torch.tensor([[0.0, 0.0], [1.0, 1.0]]))
+    torch.testing.assert_close(z, torch.tensor((math.log(2) ** 2 + (1 + math.log(2)) ** 2) / 2))
+
+
+def test_capacity_drops_later_choices_first():
+    torch.manual_seed(0)
+    cfg = tiny_config(num_experts=2, num_experts_per_tok=1, capacity_factor=0.5)
+    block = UniMoeSparseMoeBlock(cfg)
+    with torch.no_grad():
+        block.gate.weight.zero_()
+        block.gate.weight[0, 0] = 10.0  # every token with x[0] > 0 prefers expert 0
+    x = torch.randn(1, 8, 32).abs()
+    y, _, experts = block(x)
+    # capacity = ceil(0.5 * 8 * 1 / 2) = 2: only the first two tokens reach expert 0
+    assert (experts == 0).all()
+    assert (y[0, :2].abs().sum(-1) > 0).all() and (y[0, 2:] == 0).all()
+    dropless = UniMoeSparseMoeBlock(tiny_config(num_experts=2, num_experts_per_tok=1))
+    dropless.load_state_dict(block.state_dict())
+    assert (dropless(x)[0].abs().sum(-1) > 0).all()
+
+
+def test_grouped_linear_empty_groups_and_gradients():
+    torch.manual_seed(0)
+    w = torch.randn(4, 6, 5, requires_grad=True)
+    x = torch.randn(9, 5, requires_grad=True)
+    counts = torch.tensor([3, 0, 6, 0])
+    g = torch.randn(9, 6)
+    y1 = grouped_linear(x, w, counts, use_grouped_mm=True)
+    (y1 * g).sum().backward()
+    gw, gx = w.grad.clone(), x.grad.clone()
+    w.grad = x.grad = None
+    y2 = grouped_linear(x, w, counts, use_grouped_mm=False)
+    (y2 * g).sum().backward()
+    torch.testing.assert_close(y1, y2)
+    torch.testing.assert_close(gw, w.grad)
+    torch.testing.assert_close(gx, x.grad)
+    assert (w.grad[1] == 0).all() and (w.grad[3] == 0).all()
+
+
+def test_expert_token_counts_per_group():
+    experts = torch.tensor([[0, 1], [1, 2], [0, 2], [3, 0]])
+    groups = torch.tensor([0, 1, 1, -1])
+    counts = expert_token_counts(experts, 4, groups, num_groups=2)
+    assert counts.tolist() == [[1, 1, 0, 0], [1, 1, 2, 0]]
+
+
+def test_expert_lora_trains_adapters_only():
+    torch.manual_seed(0)
+    block = UniMoeSparseMoeBlock(tiny_config(expert_lora_rank=4, expert_lora_dropout=0.0))
+    for name, p in block.experts.named_parameters():
+        torch.nn.init.normal_(p, std=0.1) if "lora_A" in name or "lora" not in name else None
+    base = {k: v.detach().clone() for k, v in block.experts.named_parameters() if "lora" not in k}
+    trainable = [n for n, p in block.named_parameters() if p.requires_grad]
+    assert sorted(trainable) == sorted(
+        ["gate.weight"]
+        + [f"experts.{p}_lora_{ab}" for p in ("gate_proj", "up_proj", "down_proj") for ab in "AB"]
+    )
+    x = torch.randn(2, 6, 32)
+    y0 = block(x)[0].detach()
+    opt = torch.optim.SGD([p for p in block.parameters() if p.requires_grad], lr=0.5)
+    for _ in range(3):
+        opt.zero_grad()
+        block(x)[0].pow(2).mean().backward()
+        opt.step()
+    y1 = block(x)[0].detach()
+    assert not torch.allclose(y0, y1)
+    for k, v in block.experts.named_parameters():
+        if "lora" not in k:
+            assert torch.equal(v, base[k]), k
+    block.experts.merge_lora()
+    torch.testing.assert_close(block(x)[0], y1, atol=1e-5, rtol=1e-5)
