@@ -185,7 +185,8 @@ def test_gradient_checkpointing_same_gradients():
         return {n: p.grad.clone() for n, p in moe.named_parameters() if p.grad is not None}
 
     plain = grads()
-    moe.activation_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    moe.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    assert moe.is_activation_checkpointing
     checkpointed = grads()
     assert plain.keys() == checkpointed.keys()
     for k in plain:

@@ -96,7 +96,6 @@ def load_release_language_model(path: str | Path, config=None, strict: bool = Tr
     The release's ``config.json`` is read for the LLaMA shape and the expert count; pass ``config``
     to override. Keys outside the language model (connectors, encoders) are ignored here.
     """
-    from .configuration_unimoe_text import UniMoeTextConfig
     from .modeling_unimoe_text import UniMoeForCausalLM
 
     path = Path(path)
