@@ -1,0 +1,103 @@
+"""Composite configuration of the multimodal Uni-MoE model."""
+
+from __future__ import annotations
+
+from huggingface_hub.dataclasses import strict
+from transformers import Blip2QFormerConfig, CLIPVisionConfig, PreTrainedConfig, WhisperConfig
+from transformers.configuration_utils import SubConfigSpec
+
+from .beats import BEATsConfig
+from .configuration_unimoe_text import UniMoeTextConfig
+
+MODALITIES = ("text", "image", "video", "speech", "audio")
+VIDEO_POOLINGS = ("mean", "concat")
+
+
+@strict
+class UniMoeConfig(PreTrainedConfig):
+    r"""Uni-MoE: a Mixture-of-Experts LLM fed by frozen encoders through trainable connectors.
+
+    Every encoder is optional: a model without ``speech_config`` has no speech branch, and so on.
+
+    Args:
+        text_config: the MoE language model (``UniMoeTextConfig``).
+        vision_config: CLIP vision tower for images and video frames (``CLIPVisionConfig``).
+        speech_config: Whisper, whose encoder reads speech and whose decoder runs on learnable queries
+            as the speech connector (``WhisperConfig``).
+        audio_config: BEATs audio encoder (``BEATsConfig``); ``audio_qformer_config`` its Q-Former connector.
+        image_token_id / video_token_id / speech_token_id / audio_token_id: placeholder token ids; each
+            placeholder is expanded by the processor to as many tokens as its media yields features.
+        vision_feature_layer: CLIP hidden state used (``-2``: the penultimate layer, CLS dropped).
+        video_num_frames: frames sampled evenly from a video. ``video_pooling``: ``"mean"`` over frames
+            (the release: one image's worth of tokens) or ``"concat"`` (tokens of every frame).
+        speech_num_queries / audio_num_queries: connector queries, i.e. LLM tokens per 30 s chunk.
+        audio_max_chunks: 30 s chunks kept per audio file (later audio is dropped).
+        freeze_encoders: keep CLIP, the Whisper encoder and BEATs frozen (all three release stages do).
+    """
+
+    model_type = "unimoe"
+    sub_configs_defaults = {
+        "text_config": SubConfigSpec(UniMoeTextConfig),
+        "vision_config": SubConfigSpec(CLIPVisionConfig, optional=True),
+        "speech_config": SubConfigSpec(WhisperConfig, optional=True),
+        "audio_config": SubConfigSpec(BEATsConfig, optional=True),
+        "audio_qformer_config": SubConfigSpec(Blip2QFormerConfig, optional=True),
+    }
+
+    text_config: dict | PreTrainedConfig | None = None
+    vision_config: dict | PreTrainedConfig | None = None
+    speech_config: dict | PreTrainedConfig | None = None
+    audio_config: dict | PreTrainedConfig | None = None
+    audio_qformer_config: dict | PreTrainedConfig | None = None
+    image_token_id: int = 32000
+    video_token_id: int = 32001
+    speech_token_id: int = 32002
+    audio_token_id: int = 32003
+    vision_feature_layer: int = -2
+    video_num_frames: int = 8
+    video_pooling: str = "mean"
+    speech_num_queries: int = 50
+    audio_num_queries: int = 50
+    audio_max_chunks: int = 20
+    chunk_seconds: float = 30.0
+    freeze_encoders: bool = True
+    tie_word_embeddings: bool = False
+
+    def validate_architecture(self):
+        """Checks that the connector settings fit the encoders."""
+        if self.video_pooling not in VIDEO_POOLINGS:
+            raise ValueError(f"video_pooling must be one of {VIDEO_POOLINGS}, got {self.video_pooling!r}")
+        if (self.audio_config is None) != (self.audio_qformer_config is None):
+            raise ValueError("audio_config and audio_qformer_config go together")
+        ids = [self.image_token_id, self.video_token_id, self.speech_token_id, self.audio_token_id]
+        if len(set(ids)) != 4:
+            raise ValueError(f"placeholder token ids must differ, got {ids}")
+
+    @property
+    def modalities(self) -> list[str]:
+        """The media this model reads, besides text."""
+        present = {
+            "image": self.vision_config is not None,
+            "video": self.vision_config is not None,
+            "speech": self.speech_config is not None,
+            "audio": self.audio_config is not None,
+        }
+        return [m for m, ok in present.items() if ok]
+
+    def placeholder_ids(self) -> dict[str, int]:
+        """Placeholder token id per modality."""
+        return {
+            "image": self.image_token_id,
+            "video": self.video_token_id,
+            "speech": self.speech_token_id,
+            "audio": self.audio_token_id,
+        }
+
+    def image_num_tokens(self) -> int:
+        """LLM tokens per image: one per CLIP patch."""
+        return (self.vision_config.image_size // self.vision_config.patch_size) ** 2
+
+    def video_num_tokens(self) -> int:
+        """LLM tokens per video."""
+        frames = 1 if self.video_pooling == "mean" else self.video_num_frames
+        return frames * self.image_num_tokens()

@@ -1,0 +1,225 @@
+"""The multimodal Uni-MoE model: frozen encoders, trainable connectors, and the MoE language model."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+from transformers import CLIPVisionModel, GenerationMixin, PreTrainedModel
+from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+from ..errors import UniMoeInputError
+from .beats import BEATsModel
+from .configuration_unimoe import MODALITIES, UniMoeConfig
+from .connectors import MlpProjector, QFormerConnector, WhisperQueryConnector
+from .modeling_unimoe_text import UniMoeCausalLMOutput, UniMoeForCausalLM
+
+MEDIA_INPUTS = ("pixel_values", "pixel_values_videos", "speech_features", "audio_features", "audio_padding_mask")
+
+
+class UniMoePreTrainedModel(PreTrainedModel):
+    config_class = UniMoeConfig
+    config: UniMoeConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["UniMoeDecoderLayer", "CLIPEncoderLayer", "WhisperEncoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_attention_backend = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, (WhisperQueryConnector, QFormerConnector)):
+            nn.init.normal_(module.query_tokens, std=self.config.text_config.initializer_range)
+
+
+class UniMoeForConditionalGeneration(UniMoePreTrainedModel, GenerationMixin):
+    """Text, images, video, speech and audio in; text out.
+
+    Placeholder tokens in ``input_ids`` (one per feature vector, as the processor expands them) are
+    replaced by the connector outputs of the media passed alongside, in order; the sequence then
+    runs through the MoE language model. Only the modalities present in a batch are encoded.
+    """
+
+    _tied_weights_keys = {"language_model.lm_head.weight": "language_model.model.embed_tokens.weight"}
+
+    def __init__(self, config: UniMoeConfig):
+        super().__init__(config)
+        width = config.text_config.hidden_size
+        self.language_model = UniMoeForCausalLM(config.text_config)
+        if config.vision_config is not None:
+            self.vision_tower = CLIPVisionModel(config.vision_config)
+            self.image_projector = MlpProjector(config.vision_config.hidden_size, width)
+        if config.speech_config is not None:
+            self.speech_encoder = WhisperEncoder(config.speech_config)
+            self.speech_connector = WhisperQueryConnector(config.speech_config, config.speech_num_queries, width)
+        if config.audio_config is not None:
+            self.audio_encoder = BEATsModel(config.audio_config)
+            self.audio_connector = QFormerConnector(config.audio_qformer_config, config.audio_num_queries, width)
+        self.post_init()
+        if config.freeze_encoders:
+            for encoder in self.encoders():
+                encoder.requires_grad_(False)
+
+    def encoders(self) -> list[nn.Module]:
+        """The media encoders this model has (CLIP, Whisper encoder, BEATs)."""
+        names = ("vision_tower", "speech_encoder", "audio_encoder")
+        return [getattr(self, n) for n in names if hasattr(self, n)]
+
+    def connectors(self) -> list[nn.Module]:
+        """The trainable connectors this model has."""
+        names = ("image_projector", "speech_connector", "audio_connector")
+        return [getattr(self, n) for n in names if hasattr(self, n)]
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def _encoder_context(self, encoder: nn.Module):
+        frozen = not any(p.requires_grad for p in encoder.parameters())
+        return torch.no_grad() if frozen else contextlib.nullcontext()
+
+    def _require(self, name: str, modality: str) -> nn.Module:
+        if not hasattr(self, name):
+            raise UniMoeInputError(f"{modality} input given, but this model has no {modality} encoder")
+        return getattr(self, name)
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``[N, 3, H, W]`` -> CLIP patch features of ``vision_feature_layer``, CLS dropped: ``[N, P, Dv]``."""
+        tower = self._require("vision_tower", "image")
+        with self._encoder_context(tower):
+            out = tower(pixel_values.to(self.dtype), output_hidden_states=True)
+            return out.hidden_states[self.config.vision_feature_layer][:, 1:]
+
+    def image_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``[N, 3, H, W]`` -> ``[N * P, D]`` LLM inputs."""
+        return self.image_projector(self.encode_images(pixel_values)).flatten(0, 1)
+
+    def video_embeddings(self, pixel_values_videos: torch.Tensor) -> torch.Tensor:
+        """``[N, F, 3, H, W]`` -> ``[N * P, D]`` (frames mean-pooled) or ``[N * F * P, D]`` (concat)."""
+        n, f = pixel_values_videos.shape[:2]
+        feats = self.encode_images(pixel_values_videos.flatten(0, 1))  # [N*F, P, Dv]
+        feats = feats.view(n, f, *feats.shape[1:])  # [N, F, P, Dv]
+        feats = feats.mean(dim=1) if self.config.video_pooling == "mean" else feats.flatten(1, 2)
+        return self.image_projector(feats).flatten(0, 1)
+
+    def speech_embeddings(self, speech_features: torch.Tensor) -> torch.Tensor:
+        """Whisper log-mel chunks ``[C, 80, 3000]`` -> ``[C * Q, D]``."""
+        encoder = self._require("speech_encoder", "speech")
+        with self._encoder_context(encoder):
+            states = encoder(speech_features.to(self.dtype)).last_hidden_state  # [C, 1500, d]
+        return self.speech_connector(states).flatten(0, 1)
+
+    def audio_embeddings(
+        self, audio_features: torch.Tensor, audio_padding_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """BEATs fbank chunks ``[C, T, 128]`` (+ padding mask ``[C, T]``) -> ``[C * Q, D]``."""
+        encoder = self._require("audio_encoder", "audio")
+        with self._encoder_context(encoder):
+            feats, mask = encoder(audio_features.to(self.dtype), audio_padding_mask)
+        return self.audio_connector(feats, mask).flatten(0, 1)
+
+    def media_embeddings(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        speech_features: torch.Tensor | None = None,
+        audio_features: torch.Tensor | None = None,
+        audio_padding_mask: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Connector outputs ``[tokens, D]`` per modality, for the media given (nothing else is encoded)."""
+        out = {}
+        if pixel_values is not None and pixel_values.numel():
+            out["image"] = self.image_embeddings(pixel_values)
+        if pixel_values_videos is not None and pixel_values_videos.numel():
+            out["video"] = self.video_embeddings(pixel_values_videos)
+        if speech_features is not None and speech_features.numel():
+            out["speech"] = self.speech_embeddings(speech_features)
+        if audio_features is not None and audio_features.numel():
+            out["audio"] = self.audio_embeddings(audio_features, audio_padding_mask)
+        return out
+
+    def embed_inputs(self, input_ids: torch.LongTensor, **media: torch.Tensor | None) -> torch.Tensor:
+        """Text embeddings with every placeholder run replaced by its media's connector output."""
+        placeholders = self.config.placeholder_ids()
+        is_placeholder = torch.zeros_like(input_ids, dtype=torch.bool)
+        for token_id in placeholders.values():
+            is_placeholder |= input_ids == token_id
+        embeds = self.get_input_embeddings()(input_ids.masked_fill(is_placeholder, 0))  # [B, S, D]
+        if not is_placeholder.any() and not any(v is not None and v.numel() for v in media.values()):
+            return embeds
+        features = self.media_embeddings(**media)
+        for modality, token_id in placeholders.items():
+            mask = input_ids == token_id  # [B, S]
+            feats = features.get(modality)
+            count = int(mask.sum())
+            rows = 0 if feats is None else feats.shape[0]
+            if count != rows:
+                raise UniMoeInputError(
+                    f"{modality}: {count} placeholder tokens in the prompt but {rows} feature vectors from the media"
+                )
+            if rows:
+                embeds = embeds.masked_scatter(mask.unsqueeze(-1), feats.to(embeds.dtype))
+        return embeds
+
+    def token_modalities(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None):
+        """Modality index per token (``MODALITIES`` order: text 0, image 1, ...); -1 on padding."""
+        groups = torch.zeros_like(input_ids)
+        for modality, token_id in self.config.placeholder_ids().items():
+            groups[input_ids == token_id] = MODALITIES.index(modality)
+        if attention_mask is not None:
+            groups[attention_mask == 0] = -1
+        return groups
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        pixel_values_videos: torch.FloatTensor | None = None,
+        speech_features: torch.FloatTensor | None = None,
+        audio_features: torch.FloatTensor | None = None,
+        audio_padding_mask: torch.BoolTensor | None = None,
+        use_cache: bool | None = None,
+        output_router_logits: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> UniMoeCausalLMOutput:
+        if inputs_embeds is None:
+            if input_ids is None:
+                raise ValueError("pass input_ids or inputs_embeds")
+            inputs_embeds = self.embed_inputs(
+                input_ids,
+                pixel_values=pixel_values,
+                pixel_values_videos=pixel_values_videos,
+                speech_features=speech_features,
+                audio_features=audio_features,
+                audio_padding_mask=audio_padding_mask,
+            )
+        return self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            labels=labels,
+            use_cache=use_cache,
+            output_router_logits=output_router_logits,
+            logits_to_keep=logits_to_keep,
+            **kwargs,
+        )
+
+    def prepare_inputs_for_generation(self, *args, is_first_iteration: bool | None = False, **kwargs):
+        inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
+        if not is_first_iteration and kwargs.get("use_cache", True):
+            for name in MEDIA_INPUTS:  # decode steps never re-enter the media path
+                inputs.pop(name, None)
+        return inputs
