@@ -44,7 +44,9 @@ WHISPER_SMALL = dict(
     num_mel_bins=80,
     vocab_size=51865,
 )
-QFORMER_AUDIO = dict(hidden_size=768, num_hidden_layers=12, cross_attention_frequency=2, encoder_hidden_size=768)
+QFORMER_AUDIO = dict(
+    hidden_size=768, num_hidden_layers=12, cross_attention_frequency=2, encoder_hidden_size=768
+)
 PLACEHOLDERS = dict(image_token_id=32000, video_token_id=32001, speech_token_id=32002, audio_token_id=32003)
 
 
@@ -138,6 +140,7 @@ def tiny(**text_overrides) -> UniMoeConfig:
             bos_token_id=1,
             eos_token_id=2,
             decoder_start_token_id=1,
+            max_source_positions=100,  # 2 s chunks: 200 mel frames
         ),
         audio_config=dict(
             embed_dim=32,
@@ -164,6 +167,7 @@ def tiny(**text_overrides) -> UniMoeConfig:
         audio_token_id=TINY_VOCAB + 3,
         speech_num_queries=8,
         audio_num_queries=8,
+        chunk_seconds=2.0,
     )
 
 

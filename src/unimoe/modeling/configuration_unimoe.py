@@ -31,7 +31,9 @@ class UniMoeConfig(PreTrainedConfig):
         video_num_frames: frames sampled evenly from a video. ``video_pooling``: ``"mean"`` over frames
             (the release: one image's worth of tokens) or ``"concat"`` (tokens of every frame).
         speech_num_queries / audio_num_queries: connector queries, i.e. LLM tokens per 30 s chunk.
-        audio_max_chunks: 30 s chunks kept per audio file (later audio is dropped).
+        audio_max_chunks: chunks kept per audio file (later audio is dropped).
+        chunk_seconds: audio chunk length (30 s for Whisper and BEATs as released; the Whisper encoder's
+            ``max_source_positions`` must equal ``50 * chunk_seconds``).
         freeze_encoders: keep CLIP, the Whisper encoder and BEATs frozen (all three release stages do).
     """
 
@@ -69,6 +71,14 @@ class UniMoeConfig(PreTrainedConfig):
             raise ValueError(f"video_pooling must be one of {VIDEO_POOLINGS}, got {self.video_pooling!r}")
         if (self.audio_config is None) != (self.audio_qformer_config is None):
             raise ValueError("audio_config and audio_qformer_config go together")
+        if (
+            self.speech_config is not None
+            and self.speech_config.max_source_positions != 50 * self.chunk_seconds
+        ):
+            raise ValueError(
+                f"speech_config.max_source_positions ({self.speech_config.max_source_positions}) must be "
+                f"50 * chunk_seconds ({50 * self.chunk_seconds:g})"
+            )
         ids = [self.image_token_id, self.video_token_id, self.speech_token_id, self.audio_token_id]
         if len(set(ids)) != 4:
             raise ValueError(f"placeholder token ids must differ, got {ids}")

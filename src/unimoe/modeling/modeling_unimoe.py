@@ -15,7 +15,13 @@ from .configuration_unimoe import MODALITIES, UniMoeConfig
 from .connectors import MlpProjector, QFormerConnector, WhisperQueryConnector
 from .modeling_unimoe_text import UniMoeCausalLMOutput, UniMoeForCausalLM
 
-MEDIA_INPUTS = ("pixel_values", "pixel_values_videos", "speech_features", "audio_features", "audio_padding_mask")
+MEDIA_INPUTS = (
+    "pixel_values",
+    "pixel_values_videos",
+    "speech_features",
+    "audio_features",
+    "audio_padding_mask",
+)
 
 
 class UniMoePreTrainedModel(PreTrainedModel):
@@ -55,10 +61,14 @@ class UniMoeForConditionalGeneration(UniMoePreTrainedModel, GenerationMixin):
             self.image_projector = MlpProjector(config.vision_config.hidden_size, width)
         if config.speech_config is not None:
             self.speech_encoder = WhisperEncoder(config.speech_config)
-            self.speech_connector = WhisperQueryConnector(config.speech_config, config.speech_num_queries, width)
+            self.speech_connector = WhisperQueryConnector(
+                config.speech_config, config.speech_num_queries, width
+            )
         if config.audio_config is not None:
             self.audio_encoder = BEATsModel(config.audio_config)
-            self.audio_connector = QFormerConnector(config.audio_qformer_config, config.audio_num_queries, width)
+            self.audio_connector = QFormerConnector(
+                config.audio_qformer_config, config.audio_num_queries, width
+            )
         self.post_init()
         if config.freeze_encoders:
             for encoder in self.encoders():
