@@ -33,12 +33,13 @@ def _ffn_weight(source: Mapping[str, torch.Tensor], layer: int, proj: str, origi
 
 
 def upcycle_llama(
-    dense: LlamaForCausalLM | str | Path,
+    dense: LlamaForCausalLM | UniMoeForCausalLM | str | Path,
     num_experts: int,
     ffn_sources: Sequence[FfnSource] | None = None,
     **moe_options,
 ) -> UniMoeForCausalLM:
-    """Builds a ``UniMoeForCausalLM`` from a dense LLaMA (a model or a path to one).
+    """Builds a ``UniMoeForCausalLM`` from a dense LLaMA (a model or a path to one; a
+    ``UniMoeForCausalLM`` without MoE layers is a dense LLaMA too).
 
     Attention, norms, embeddings and LM head are copied. On MoE layers each expert is a copy of the
     dense FFN, or of the FFN of ``ffn_sources[i]`` for expert i (state dicts or paths holding
@@ -46,12 +47,16 @@ def upcycle_llama(
     source to fill two slots). Dense layers keep the dense FFN. Routers start fresh.
     ``moe_options`` are ``UniMoeTextConfig`` fields (``router``, ``num_experts_per_tok``, ``moe_layers``...).
     """
-    if not isinstance(dense, LlamaForCausalLM):
+    if isinstance(dense, (str, Path)):
         dense = LlamaForCausalLM.from_pretrained(dense, dtype=torch.float32)
+    if isinstance(dense, UniMoeForCausalLM) and dense.config.moe_layer_indices():
+        raise ValueError("upcycle_llama needs a dense model; this one already has MoE layers")
     if ffn_sources is not None and len(ffn_sources) != num_experts:
         raise ValueError(f"ffn_sources lists {len(ffn_sources)} experts, num_experts is {num_experts}")
     dense_config: LlamaConfig = dense.config
-    config = UniMoeTextConfig(**{**dense_config.to_diff_dict(), "num_experts": num_experts, **moe_options})
+    base = {k: v for k, v in dense_config.to_dict().items() if k in LlamaConfig.__dataclass_fields__}
+    base.pop("architectures", None)
+    config = UniMoeTextConfig(**{**base, "num_experts": num_experts, "moe_layers": "all", **moe_options})
     config.architectures = [UniMoeForCausalLM.__name__]
     model = UniMoeForCausalLM(config).to(dense.dtype)
     sources = [_load_ffn_source(s) for s in ffn_sources] if ffn_sources is not None else None
