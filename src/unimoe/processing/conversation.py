@@ -95,12 +95,11 @@ def record_turns(record: Mapping[str, Any], voice_modality: str = "speech") -> l
         "audio": iter(_as_list(record.get("audio"))),
         "voice": iter(_as_list(record.get("voice"))),
     }
-    pending = {k: _as_list(record.get(k)) for k in ("speech", "audio")}
 
     def take(modality: str) -> tuple[str, Any]:
         sources = [(modality, queues[modality])]
-        if modality in ("speech", "audio") and not pending[modality]:
-            sources = [(voice_modality if modality == "audio" else "speech", queues["voice"])]
+        if modality in ("speech", "audio"):  # then the release's shared "voice" list
+            sources.append((voice_modality if modality == "audio" else "speech", queues["voice"]))
         for target, queue in sources:
             item = next(queue, None)
             if item is not None:

@@ -1,0 +1,185 @@
+import pytest
+import torch
+
+from unimoe import UniMoeForConditionalGeneration, UniMoeInputError
+from unimoe.presets import build_tiny
+from unimoe.processing.processor import UniMoeProcessor
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return build_tiny(seed=0)
+
+
+def record(rid, prompt, answer="a red circle", **media):
+    return {
+        "id": rid,
+        **media,
+        "conversations": [{"from": "human", "value": prompt}, {"from": "gpt", "value": answer}],
+    }
+
+
+def mixed_records(fx):
+    return [
+        record("text", "Say something."),
+        record("image", "<image>\nWhat is this?", image=str(fx / "photo.jpg")),
+        record("video", "<video>\nWhat happens?", video=str(fx / "clip.mp4")),
+        record("speech", "<speech>\nWhat is said?", speech=[str(fx / "speech.wav")]),
+        record("audio", "<audio>\nWhat sound?", audio=[str(fx / "sound.wav")]),
+    ]
+
+
+def test_token_counts_per_encoder(tiny, fixtures_dir):
+    model, proc = tiny
+    cfg = model.config
+    batch = proc(mixed_records(fixtures_dir))
+    ids = batch["input_ids"]
+    assert (ids == cfg.image_token_id).sum() == cfg.image_num_tokens() == 16  # (32 / 8) ** 2 patches
+    assert (ids == cfg.video_token_id).sum() == cfg.video_num_tokens() == 16  # frames mean-pooled
+    # speech.wav and sound.wav are 1-2.5 s: one or two 2 s chunks of 8 query tokens each
+    n_speech = batch["speech_features"].shape[0]
+    assert (ids == cfg.speech_token_id).sum() == 8 * n_speech
+    assert (ids == cfg.audio_token_id).sum() == 8 * batch["audio_features"].shape[0]
+    assert batch["pixel_values_videos"].shape == (1, 8, 3, 32, 32)
+    assert batch["speech_features"].shape[1:] == (80, 200)
+    assert batch["audio_features"].shape[1:] == (198, 128)
+    with torch.no_grad():
+        assert model.image_embeddings(batch["pixel_values"]).shape == (16, 64)
+        assert model.video_embeddings(batch["pixel_values_videos"]).shape == (16, 64)
+        assert model.speech_embeddings(batch["speech_features"]).shape == (8 * n_speech, 64)
+        audio = model.audio_embeddings(batch["audio_features"], batch["audio_padding_mask"])
+        assert audio.shape == (8 * batch["audio_features"].shape[0], 64)
+
+
+def test_long_audio_is_chunked_and_capped(tiny):
+    _, proc = tiny
+    wave = torch.randn(16000 * 5).numpy() * 0.1  # 5 s -> chunks of 2 + 2 + 1 s
+    sample = proc.encode_messages([{"role": "user", "content": [{"type": "audio", "audio": wave}]}])
+    assert sample.media["audio"][0].shape[0] == 3 and sample.modality_tokens["audio"] == 24
+    proc.settings.max_chunks = 2
+    try:
+        sample = proc.encode_messages([{"role": "user", "content": [{"type": "speech", "speech": wave}]}])
+    finally:
+        proc.settings.max_chunks = 20
+    assert sample.media["speech"][0].shape[0] == 2 and sample.modality_tokens["speech"] == 16
+
+
+def test_mixed_batch_forward_backward(tiny, fixtures_dir):
+    model, proc = tiny
+    model.train()
+    try:
+        batch = proc(mixed_records(fixtures_dir))
+        out = model(**batch)
+        out.loss.backward()
+    finally:
+        model.eval()
+    assert torch.isfinite(out.loss) and out.aux_loss > 0
+    for name in ("image_projector", "speech_connector", "audio_connector"):
+        grads = [p.grad for p in getattr(model, name).parameters() if p.requires_grad]
+        assert grads and all(g is not None for g in grads), name
+    for encoder in model.encoders():
+        assert all(not p.requires_grad and p.grad is None for p in encoder.parameters())
+    model.zero_grad(set_to_none=True)
+
+
+def test_text_only_batch_runs_no_encoder(tiny):
+    model, proc = tiny
+    calls = []
+    hooks = [
+        m.register_forward_hook(lambda *a: calls.append(1)) for m in model.encoders() + model.connectors()
+    ]
+    try:
+        batch = proc([record("a", "Hello there."), record("b", "Two plus two?")])
+        with torch.no_grad():
+            model(**batch)
+        model.generate(
+            **proc.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True),
+            max_new_tokens=3,
+            do_sample=False,
+        )
+    finally:
+        for h in hooks:
+            h.remove()
+    assert calls == []
+
+
+def multimodal_messages(fx):
+    return [
+        [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image", "path": str(fx / "photo.jpg")},
+                    {"type": "text", "text": "What?"},
+                ],
+            }
+        ],
+        [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "speech", "path": str(fx / "speech.wav")},
+                    {"type": "video", "path": str(fx / "clip.mp4")},
+                    {"type": "text", "text": "Describe both, please."},
+                ],
+            }
+        ],
+        [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "audio", "path": str(fx / "sound.wav")},
+                    {"type": "text", "text": "Sound?"},
+                ],
+            }
+        ],
+    ]
+
+
+def test_batched_generation_equals_alone_and_cache_equals_no_cache(tiny, fixtures_dir):
+    model, proc = tiny
+    convs = multimodal_messages(fixtures_dir)
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    batch = proc.apply_chat_template(convs, add_generation_prompt=True)
+    width = batch["input_ids"].shape[1]
+    batched = model.generate(**batch, **kw)[:, width:]
+    uncached = model.generate(**batch, use_cache=False, **kw)[:, width:]
+    assert torch.equal(batched, uncached)
+    for row, conv in enumerate(convs):
+        alone = proc.apply_chat_template(conv, add_generation_prompt=True)
+        out = model.generate(**alone, **kw)[:, alone["input_ids"].shape[1] :]
+        assert torch.equal(out[0], batched[row]), row
+
+
+def test_decode_steps_do_not_reencode_media(tiny, fixtures_dir):
+    model, proc = tiny
+    calls = []
+    hook = model.vision_tower.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        inputs = proc.apply_chat_template(multimodal_messages(fixtures_dir)[0], add_generation_prompt=True)
+        model.generate(**inputs, max_new_tokens=5, do_sample=False)
+    finally:
+        hook.remove()
+    assert len(calls) == 1
+
+
+def test_placeholder_feature_mismatch_raises(tiny, fixtures_dir):
+    model, proc = tiny
+    batch = proc([record("img", "<image>\nWhat?", image=str(fixtures_dir / "photo.jpg"))])
+    with pytest.raises(UniMoeInputError, match="image: 16 placeholder tokens .* 32 feature vectors"):
+        model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"].repeat(2, 1, 1, 1))
+    with pytest.raises(UniMoeInputError, match="image"):
+        model(input_ids=batch["input_ids"])
+
+
+def test_save_load_round_trip_with_processor(tiny, tmp_path, fixtures_dir):
+    model, proc = tiny
+    model.save_pretrained(tmp_path)
+    proc.save_pretrained(tmp_path)
+    loaded = UniMoeForConditionalGeneration.from_pretrained(tmp_path).eval()
+    proc2 = UniMoeProcessor.from_pretrained(tmp_path)
+    recs = mixed_records(fixtures_dir)
+    a, b = proc(recs), proc2(recs)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**b).logits, model(**a).logits, rtol=0, atol=0)

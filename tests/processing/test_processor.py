@@ -1,0 +1,167 @@
+import shutil
+
+import pytest
+import torch
+
+from unimoe import UniMoeInputError
+from unimoe.presets import build_tiny
+from unimoe.processing.conversation import SYSTEM_PROMPT
+from unimoe.processing.processor import IGNORE_INDEX
+
+
+@pytest.fixture(scope="module")
+def proc():
+    return build_tiny(seed=0)[1]
+
+
+def rec(prompt, answer="yes", **media):
+    return {
+        "id": "r7",
+        **media,
+        "conversations": [{"from": "human", "value": prompt}, {"from": "gpt", "value": answer}],
+    }
+
+
+def test_vicuna_template_and_generation_prompt(proc):
+    msgs = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+        {"role": "user", "content": [{"type": "image", "path": "x.png"}, {"type": "text", "text": "What?"}]},
+    ]
+    text = proc.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert text == f"{SYSTEM_PROMPT} USER: Hi ASSISTANT:Hello</s>USER: <image>What? ASSISTANT:"
+
+
+def test_labels_cover_only_assistant_answers(proc):
+    record = {
+        "id": "multi",
+        "conversations": [
+            {"from": "human", "value": "One?"},
+            {"from": "gpt", "value": "circle"},
+            {"from": "human", "value": "Two?"},
+            {"from": "gpt", "value": "square"},
+        ],
+    }
+    sample = proc.encode_record(record)
+    supervised = [t for t, lab in zip(sample.input_ids, sample.labels) if lab != IGNORE_INDEX]
+    eos = proc.tokenizer.eos_token_id
+    expected = proc._tokens("circle") + [eos] + proc._tokens("square") + [eos]
+    assert supervised == expected
+    assert sample.input_ids[0] == proc.tokenizer.bos_token_id
+    assert proc.decode(supervised) == "circlesquare"
+
+
+def test_voice_goes_to_speech_and_audio_key_to_audio(proc, fixtures_dir):
+    sample = proc.encode_record(
+        rec(
+            "<audio>\n<audio>\nWhich?",
+            voice=[str(fixtures_dir / "speech.wav")],
+            audio=[str(fixtures_dir / "sound.wav")],
+        )
+    )
+    assert sample.modality_tokens["speech"] > 0 and sample.modality_tokens["audio"] > 0
+
+
+def test_media_root_and_frame_list_video(proc, fixtures_dir, tmp_path):
+    from PIL import Image
+
+    for i in range(3):
+        Image.new("RGB", (40, 30), (i * 80, 0, 0)).save(tmp_path / f"f{i}.png")
+    sample = proc.encode_record(
+        rec("<video>\nColour?", video=["f0.png", "f1.png", "f2.png"]), media_root=tmp_path
+    )
+    assert sample.media["video"][0].shape == (8, 3, 32, 32)
+
+
+def test_apply_chat_template_returns_generate_inputs(proc, fixtures_dir):
+    msgs = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "path": str(fixtures_dir / "photo.jpg")},
+                {"type": "text", "text": "?"},
+            ],
+        }
+    ]
+    out = proc.apply_chat_template(
+        msgs, tokenize=True, return_dict=True, return_tensors="pt", add_generation_prompt=True
+    )
+    assert set(out) == {"input_ids", "attention_mask", "pixel_values"}
+    assert out["input_ids"].dtype == torch.long and out["pixel_values"].shape == (1, 3, 32, 32)
+
+
+def test_left_padding_for_generation(proc):
+    batch = proc.apply_chat_template(
+        [[{"role": "user", "content": "A"}], [{"role": "user", "content": "A much longer question here"}]],
+        add_generation_prompt=True,
+    )
+    assert batch["attention_mask"][0, 0] == 0 and batch["attention_mask"][0, -1] == 1
+
+
+@pytest.fixture
+def bad_files(tmp_path, fixtures_dir):
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes((fixtures_dir / "photo.jpg").read_bytes()[:600])
+    empty = tmp_path / "empty.wav"
+    empty.write_bytes(b"")
+    unknown = tmp_path / "thing.xyz"
+    unknown.write_bytes(bytes(range(256)) * 4)
+    novideo = tmp_path / "novideo.m4a"
+    shutil.copy(fixtures_dir / "audio_only.m4a", novideo)
+    return {
+        "corrupt": corrupt,
+        "truncated": truncated,
+        "empty": empty,
+        "unknown": unknown,
+        "novideo": novideo,
+    }
+
+
+@pytest.mark.parametrize(
+    ("key", "prompt", "field"),
+    [
+        ("corrupt", "<image>\nQ", "image"),
+        ("truncated", "<image>\nQ", "image"),
+        ("empty", "<speech>\nQ", "speech"),
+        ("unknown", "<audio>\nQ", "audio"),
+        ("novideo", "<video>\nQ", "video"),
+    ],
+)
+def test_bad_media_raise_naming_the_file(proc, bad_files, key, prompt, field):
+    path = bad_files[key]
+    value = [str(path)] if field in ("speech", "audio") else str(path)
+    with pytest.raises(UniMoeInputError) as err:
+        proc([rec(prompt, **{field: value})])
+    assert path.name in str(err.value) and "r7" in str(err.value)
+
+
+def test_placeholder_and_media_mismatches(proc, fixtures_dir):
+    with pytest.raises(UniMoeInputError, match="<image> placeholder without"):
+        proc([rec("<image>\nWhat?")])
+    with pytest.raises(UniMoeInputError, match="media without a placeholder"):
+        proc([rec("What?", image=str(fixtures_dir / "photo.jpg"))])
+    with pytest.raises(UniMoeInputError, match="unknown content part type"):
+        proc.apply_chat_template([{"role": "user", "content": [{"type": "hologram", "path": "x"}]}])
+    with pytest.raises(UniMoeInputError, match="conversations"):
+        proc([{"id": "broken", "conversations": "nope"}])
+
+
+def test_prompt_too_long_after_expansion(proc, fixtures_dir):
+    limit = proc.settings.max_length
+    proc.settings.max_length = 40
+    try:
+        with pytest.raises(UniMoeInputError, match="exceed the limit of 40"):
+            proc([rec("<image>\nWhat?", image=str(fixtures_dir / "photo.jpg"))])
+    finally:
+        proc.settings.max_length = limit
+
+
+def test_bad_sample_does_not_leak_into_batch(proc, fixtures_dir, bad_files):
+    good = rec("<image>\nQ", image=str(fixtures_dir / "photo.jpg"))
+    bad = rec("<image>\nQ", image=str(bad_files["corrupt"]))
+    with pytest.raises(UniMoeInputError):
+        proc([good, bad])
+    batch = proc([good])
+    assert batch["pixel_values"].shape[0] == 1
