@@ -7,7 +7,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
-from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -107,11 +106,7 @@ class UniMoePreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         if isinstance(module, GroupedExperts):
-            std = self.config.initializer_range
-            for name in module.projections:
-                init.normal_(getattr(module, name), mean=0.0, std=std)
-            if module.lora_rank:
-                module.reset_lora_parameters()
+            module.reset_parameters(self.config.initializer_range)
 
 
 class UniMoeTextModel(UniMoePreTrainedModel):

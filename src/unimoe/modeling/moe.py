@@ -157,6 +157,14 @@ class GroupedExperts(nn.Module):
             self.lora_scaling = config.expert_lora_alpha / r
             self.lora_dropout = nn.Dropout(config.expert_lora_dropout)
         self.act_fn = nn.SiLU()
+        self.reset_parameters(config.initializer_range)
+
+    def reset_parameters(self, std: float = 0.02) -> None:
+        """Normal(0, std) expert weights; LoRA as PEFT initialises it."""
+        for name in self.projections:
+            init.normal_(getattr(self, name), mean=0.0, std=std)
+        if self.lora_rank:
+            self.reset_lora_parameters()
 
     def reset_lora_parameters(self) -> None:
         """Kaiming-uniform A and zero B, as PEFT initialises LoRA."""

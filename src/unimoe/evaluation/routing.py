@@ -1,0 +1,71 @@
+"""Which experts each modality's tokens go to: counts from forward passes, and the routing figure."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..modeling.configuration_unimoe import MODALITIES
+from ..modeling.moe import expert_token_counts
+
+
+@torch.no_grad()
+def routing_counts(model, batches: Iterable[dict[str, torch.Tensor]]) -> np.ndarray:
+    """Token-slot counts ``[moe_layers, modalities, experts]`` over ``batches`` of model inputs
+    (padding excluded; modalities in ``MODALITIES`` order, text first)."""
+    text_config = model.config.text_config
+    num_experts = text_config.num_experts
+    total = np.zeros((len(text_config.moe_layer_indices()), len(MODALITIES), num_experts), dtype=np.int64)
+    for batch in batches:
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        out = model(**inputs, output_router_logits=True)
+        groups = model.token_modalities(batch["input_ids"], batch.get("attention_mask")).reshape(-1)
+        for layer, experts in enumerate(out.expert_indices):
+            counts = expert_token_counts(experts, num_experts, groups, len(MODALITIES))
+            total[layer] += counts.cpu().numpy()
+    return total
+
+
+def plot_routing(counts: np.ndarray, path: str | Path, layer_ids: list[int] | None = None) -> None:
+    """Heat maps, one per MoE layer: share of each modality's tokens routed to each expert."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    present = [i for i in range(counts.shape[1]) if counts[:, i].sum() > 0]
+    shares = counts[:, present] / np.maximum(counts[:, present].sum(-1, keepdims=True), 1)
+    layers = counts.shape[0]
+    fig, axes = plt.subplots(1, layers, figsize=(3.2 * layers + 1, 0.5 * len(present) + 1.6), squeeze=False)
+    for i, ax in enumerate(axes[0]):
+        image = ax.imshow(shares[i], vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        ax.set_title(f"MoE layer {layer_ids[i] if layer_ids else i}")
+        ax.set_xticks(range(counts.shape[2]), [f"E{e}" for e in range(counts.shape[2])])
+        ax.set_yticks(range(len(present)), [MODALITIES[m] for m in present] if i == 0 else [])
+        for (r, c), v in np.ndenumerate(shares[i]):
+            ax.text(c, r, f"{v:.2f}", ha="center", va="center", color="w" if v < 0.6 else "k", fontsize=7)
+    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="share of the modality's token slots")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_losses(curves: dict[str, list[float]], path: str | Path) -> None:
+    """Training loss per step, one panel per stage (each curve a stage or a stage-2 expert)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(curves), figsize=(3.4 * len(curves), 2.8), squeeze=False)
+    for ax, (name, losses) in zip(axes[0], curves.items()):
+        ax.plot(range(1, len(losses) + 1), losses, lw=1)
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        ax.set_yscale("log")
+    axes[0][0].set_ylabel("loss")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

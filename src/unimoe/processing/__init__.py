@@ -1,0 +1,1 @@
+"""Input processing: media loading and encoder features for images, video, speech and audio."""
