@@ -1,0 +1,167 @@
+"""Batch generation over a JSONL file, resumable: ``unimoe generate --input IN --output OUT``.
+
+Input lines are records in the release's data format (``{"id", "image", "video", "voice" / "speech" /
+"audio", "conversations"}``, a trailing ``gpt`` turn ignored) or chat messages (``{"id",
+"messages"}``). Each output line is ``{"id", "text", "prompt_tokens", "completion_tokens",
+"finish_reason"}``, or ``{"id", "error"}`` for a record that could not be answered. Output is appended
+and flushed after every batch; a rerun skips the ids already in the output file.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from tqdm import tqdm
+
+from ..errors import UniMoeInputError
+from ..processing.processor import EncodedSample
+from .engine import GenerationParams, Result, UniMoeEngine
+
+# Bad input (UniMoeInputError is a ValueError; odd field types raise TypeError or KeyError) or a
+# record too big to run (out of memory is a RuntimeError): the record gets an error line.
+RECOVERABLE = (ValueError, TypeError, KeyError, RuntimeError)
+
+
+@dataclass
+class BatchSummary:
+    """Counts of one run."""
+
+    total: int = 0
+    skipped: int = 0
+    answered: int = 0
+    failed: int = 0
+
+
+def read_records(path: str | Path) -> Iterator[dict[str, Any]]:
+    """Records of a JSONL file; a line that is not a JSON object becomes ``{"id": "line-N",
+    "error": ...}``. Records without an id get ``line-N``."""
+    with open(path, encoding="utf-8") as file:
+        for number, line in enumerate(file, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                yield {"id": f"line-{number}", "error": f"line {number} is not valid JSON: {exc}"}
+                continue
+            if not isinstance(record, dict):
+                yield {"id": f"line-{number}", "error": f"line {number} is not a JSON object"}
+                continue
+            record.setdefault("id", f"line-{number}")
+            yield record
+
+
+def finished_ids(path: str | Path) -> set[str]:
+    """Ids already in an output file. A truncated last line (an interrupted write) is removed."""
+    path = Path(path)
+    if not path.exists():
+        return set()
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        data = data[: data.rfind(b"\n") + 1]
+        path.write_bytes(data)
+    done = set()
+    for line in data.decode("utf-8").splitlines():
+        try:
+            done.add(str(json.loads(line)["id"]))
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    return done
+
+
+def conversation_of(record: dict[str, Any]) -> list[dict] | dict:
+    """What the engine answers for a record: its ``messages`` or the record itself."""
+    if "messages" in record:
+        return record["messages"]
+    if "conversations" in record:
+        return record
+    raise UniMoeInputError(f"record {record.get('id')!r}: needs 'conversations' or 'messages'")
+
+
+def _answer(record_id: Any, result: Result) -> dict[str, Any]:
+    return {
+        "id": record_id,
+        "text": result.text,
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": result.completion_tokens,
+        "finish_reason": result.finish_reason,
+    }
+
+
+def _failure(record_id: Any, exc: Exception) -> dict[str, Any]:
+    return {"id": record_id, "error": f"{type(exc).__name__}: {exc}"}
+
+
+def answer_batch(
+    engine: UniMoeEngine, records: list[dict], params: GenerationParams, media_root: str | Path | None
+) -> list[dict[str, Any]]:
+    """Output lines for a batch of records. Each record is encoded alone (a bad one gets an error
+    line); the rest run as one batch, and if that fails, one by one."""
+    lines: dict[int, dict] = {}
+    encoded: list[tuple[int, EncodedSample]] = []
+    for i, record in enumerate(records):
+        if "error" in record:
+            lines[i] = {"id": record["id"], "error": record["error"]}
+            continue
+        try:
+            encoded.append((i, engine.encode(conversation_of(record), media_root)))
+        except RECOVERABLE as exc:
+            lines[i] = _failure(record["id"], exc)
+    try:
+        results = engine.generate_encoded([s for _, s in encoded], params)
+        lines.update({i: _answer(records[i]["id"], r) for (i, _), r in zip(encoded, results)})
+    except RECOVERABLE:
+        for i, sample in encoded:
+            try:
+                lines[i] = _answer(records[i]["id"], engine.generate_encoded([sample], params)[0])
+            except RECOVERABLE as exc:
+                lines[i] = _failure(records[i]["id"], exc)
+    return [lines[i] for i in range(len(records))]
+
+
+def _batches(records: list[dict], size: int) -> Iterator[list[dict]]:
+    for start in range(0, len(records), size):
+        yield records[start : start + size]
+
+
+def run_batch(
+    engine: UniMoeEngine,
+    input_path: str | Path,
+    output_path: str | Path,
+    params: GenerationParams,
+    batch_size: int = 8,
+    media_root: str | Path | None = None,
+    progress: bool = True,
+    log: TextIO | None = None,
+) -> BatchSummary:
+    """Answers every record of ``input_path`` not yet in ``output_path``, appending to it."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    done = finished_ids(output_path)
+    todo, seen = [], set(done)
+    summary = BatchSummary()
+    for record in read_records(input_path):
+        summary.total += 1
+        key = str(record["id"])
+        if key in seen:
+            summary.skipped += 1
+            continue
+        seen.add(key)
+        todo.append(record)
+    Path(output_path).parent.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=len(todo), disable=not progress, unit="record", file=log or sys.stderr)
+    with open(output_path, "a", encoding="utf-8") as out, bar:
+        for batch in _batches(todo, batch_size):
+            lines = answer_batch(engine, batch, params, media_root)
+            out.write("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
+            out.flush()
+            failed = sum("error" in line for line in lines)
+            summary.failed += failed
+            summary.answered += len(lines) - failed
+            bar.update(len(lines))
+    return summary

@@ -1,0 +1,129 @@
+"""Dynamic batching for the server: concurrent requests share one ``engine.generate_encoded`` call.
+
+Requests wait in a bounded queue. A worker thread takes the first waiting request, gathers whatever
+else arrives within a short window (up to ``max_batch_size``), and runs them as one batch; requests
+that arrive while a batch runs make up the next one.
+
+Requests are not grouped by sampling parameters: the engine applies temperature, top-p, seed, stop
+strings and token limits per row, so any requests can share a batch, and a seeded request gives the
+same text whatever it is batched with. The price is that a batch runs until its longest row is done
+(finished rows are padded); with small batches that costs less than running parameter groups one
+after another.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from ..processing.processor import EncodedSample
+from .engine import GenerationParams, UniMoeEngine
+
+
+class QueueFullError(RuntimeError):
+    """The request queue is full; the caller should retry later."""
+
+
+@dataclass
+class _Job:
+    sample: EncodedSample
+    params: GenerationParams
+    future: Future = field(default_factory=Future)
+
+
+class BatchScheduler:
+    """A bounded request queue and the worker thread that batches it into the engine."""
+
+    def __init__(
+        self,
+        engine: UniMoeEngine,
+        max_batch_size: int = 8,
+        max_queue: int = 64,
+        window_s: float = 0.005,
+    ) -> None:
+        if max_batch_size < 1 or max_queue < 1:
+            raise ValueError("max_batch_size and max_queue must be positive")
+        self.engine = engine
+        self.max_batch_size = max_batch_size
+        self.window_s = window_s
+        self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=max_queue)
+        self._thread: threading.Thread | None = None
+        self.batch_sizes: list[int] = []
+
+    def start(self) -> None:
+        """Starts the worker thread (once)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="unimoe-batcher", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        """Lets the worker finish its current batch and exit."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+
+    @property
+    def pending(self) -> int:
+        """Requests waiting for a batch."""
+        return self._queue.qsize()
+
+    def submit(self, sample: EncodedSample, params: GenerationParams) -> Future:
+        """Queues an encoded prompt; the future resolves to its ``Result`` (or the engine's error).
+
+        Raises ``QueueFullError`` when the queue is full.
+        """
+        job = _Job(sample, params)
+        try:
+            self._queue.put_nowait(job)
+        except queue.Full:
+            raise QueueFullError(f"the request queue is full ({self._queue.maxsize} waiting)") from None
+        return job.future
+
+    def _collect(self, first: _Job) -> list[_Job]:
+        batch = [first]
+        deadline = time.monotonic() + self.window_s
+        while len(batch) < self.max_batch_size:
+            remaining = deadline - time.monotonic()
+            try:
+                job = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is None:
+                self._queue.put(None)  # keep the stop signal for the loop
+                break
+            batch.append(job)
+        return [job for job in batch if job.future.set_running_or_notify_cancel()]
+
+    def _loop(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = self._collect(first)
+            if batch:
+                self.batch_sizes.append(len(batch))
+                self._run(batch)
+
+    def _run(self, batch: list[_Job]) -> None:
+        """Runs a batch; if it fails, runs its requests one by one so only a bad one fails."""
+        try:
+            results = self.engine.generate_encoded([j.sample for j in batch], [j.params for j in batch])
+        except Exception as exc:  # every failure must reach the waiting requests, never kill the worker
+            if len(batch) == 1:
+                batch[0].future.set_exception(exc)
+                return
+            for job in batch:
+                self._run_one(job)
+            return
+        for job, result in zip(batch, results):
+            job.future.set_result(result)
+
+    def _run_one(self, job: _Job) -> None:
+        try:
+            job.future.set_result(self.engine.generate_encoded([job.sample], [job.params])[0])
+        except Exception as exc:  # see _run
+            job.future.set_exception(exc)
