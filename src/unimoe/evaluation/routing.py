@@ -29,7 +29,12 @@ def routing_counts(model, batches: Iterable[dict[str, torch.Tensor]]) -> np.ndar
     return total
 
 
-def plot_routing(counts: np.ndarray, path: str | Path, layer_ids: list[int] | None = None) -> None:
+def plot_routing(
+    counts: np.ndarray,
+    path: str | Path,
+    layer_ids: list[int] | None = None,
+    expert_names: list[str] | None = None,
+) -> None:
     """Heat maps, one per MoE layer: share of each modality's tokens routed to each expert."""
     import matplotlib
 
@@ -43,7 +48,8 @@ def plot_routing(counts: np.ndarray, path: str | Path, layer_ids: list[int] | No
     for i, ax in enumerate(axes[0]):
         image = ax.imshow(shares[i], vmin=0, vmax=1, cmap="viridis", aspect="auto")
         ax.set_title(f"MoE layer {layer_ids[i] if layer_ids else i}")
-        ax.set_xticks(range(counts.shape[2]), [f"E{e}" for e in range(counts.shape[2])])
+        names = expert_names or [f"E{e}" for e in range(counts.shape[2])]
+        ax.set_xticks(range(counts.shape[2]), names, rotation=45 if expert_names else 0)
         ax.set_yticks(range(len(present)), [MODALITIES[m] for m in present] if i == 0 else [])
         for (r, c), v in np.ndenumerate(shares[i]):
             ax.text(c, r, f"{v:.2f}", ha="center", va="center", color="w" if v < 0.6 else "k", fontsize=7)
