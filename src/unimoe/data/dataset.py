@@ -1,0 +1,235 @@
+"""Training data: records from JSON/JSONL, a lazily encoding dataset and a collator that drops bad samples.
+
+A record is encoded (media loaded and featurised, placeholders expanded, labels masked) only when the
+loader asks for it. A record that cannot be encoded (missing or corrupt media, malformed record,
+placeholder/media mismatch, too long) becomes a ``SkippedSample`` naming the reason; the collator drops
+it and counts it in the batch, so a run goes on and reports how many samples it lost and why.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from ..errors import UniMoeInputError
+from ..processing.conversation import PLACEHOLDER
+from ..processing.processor import IGNORE_INDEX, EncodedSample, UniMoeProcessor
+
+logger = logging.getLogger(__name__)
+
+MEDIA_KEYS = ("image", "video", "speech", "audio", "voice")
+
+
+@dataclass
+class MalformedRecord:
+    """A line or entry of the data file that is not a record (kept so that it is reported, not lost)."""
+
+    position: str
+    reason: str
+
+
+@dataclass
+class SkippedSample:
+    """What ``__getitem__`` returns for a sample that cannot be used."""
+
+    index: int
+    record_id: str
+    reason: str
+
+
+def load_records(path: str | Path) -> list[dict | MalformedRecord]:
+    """Records of a JSON list (the release's format) or a JSONL file (one record per line).
+
+    A JSONL line that does not parse, or an entry that is not a mapping, is kept as a
+    ``MalformedRecord``; a JSON file that does not parse raises ``UniMoeInputError``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UniMoeInputError(f"data file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        items: list[Any] = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                items.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                items.append(MalformedRecord(f"{path.name}:{number}", f"invalid JSON: {err}"))
+    else:
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise UniMoeInputError(f"{path}: invalid JSON: {err}") from err
+        if not isinstance(items, list):
+            raise UniMoeInputError(f"{path}: expected a JSON list of records")
+    return [
+        item
+        if isinstance(item, (dict, MalformedRecord))
+        else MalformedRecord(f"{path.name}[{i}]", f"not a mapping: {type(item).__name__}")
+        for i, item in enumerate(items)
+    ]
+
+
+def record_modalities(
+    record: Mapping[str, Any] | MalformedRecord, voice_modality: str = "speech"
+) -> list[str]:
+    """The media kinds a record carries (``image``, ``video``, ``speech``, ``audio``), in that order;
+    ``["text"]`` for a text-only record. ``voice`` files count as ``voice_modality``."""
+    if isinstance(record, MalformedRecord):
+        return ["text"]
+    present = {k for k in MEDIA_KEYS if record.get(k)}
+    if "voice" in present:
+        present.add(voice_modality)
+    kinds = [m for m in ("image", "video", "speech", "audio") if m in present]
+    return kinds or ["text"]
+
+
+def estimate_length(record: Mapping[str, Any] | MalformedRecord, tokens_per_media: Mapping[str, int]) -> int:
+    """A cheap token-count estimate (text characters / 4 + media tokens) used to group similar lengths."""
+    if isinstance(record, MalformedRecord):
+        return 0
+    turns = record.get("conversations")
+    text = (
+        "".join(t.get("value", "") for t in turns if isinstance(t, Mapping))
+        if isinstance(turns, list)
+        else ""
+    )
+    media = sum(tokens_per_media.get(m.group(1), 0) for m in PLACEHOLDER.finditer(text))
+    return len(text) // 4 + media
+
+
+def record_id(record: Mapping[str, Any] | MalformedRecord, index: int) -> str:
+    """A printable name for a record: its ``id``, else its position."""
+    if isinstance(record, MalformedRecord):
+        return record.position
+    return str(record.get("id", f"#{index}"))
+
+
+class SupervisedDataset(Dataset):
+    """Records encoded on access by a ``UniMoeProcessor``; media paths resolve against ``media_root``.
+
+    ``__getitem__`` returns an ``EncodedSample``, or a ``SkippedSample`` when the record is unusable.
+    """
+
+    def __init__(
+        self,
+        records: Sequence[dict | MalformedRecord],
+        processor: UniMoeProcessor,
+        media_root: str | Path | None = None,
+    ):
+        self.records = list(records)
+        self.processor = processor
+        self.media_root = media_root
+
+    @classmethod
+    def from_file(
+        cls,
+        path: str | Path,
+        processor: UniMoeProcessor,
+        media_root: str | Path | None = None,
+        tasks: Sequence[str] | None = None,
+        max_samples: int | None = None,
+    ) -> SupervisedDataset:
+        """Records of ``path`` (optionally only those whose ``task`` is in ``tasks``, at most
+        ``max_samples``); ``media_root`` defaults to the file's folder."""
+        records = load_records(path)
+        if tasks is not None:
+            wanted = set(tasks)
+            records = [r for r in records if isinstance(r, dict) and r.get("task") in wanted]
+        if max_samples is not None:
+            records = records[:max_samples]
+        return cls(records, processor, Path(path).parent if media_root is None else media_root)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def modality_groups(self) -> list[str]:
+        """Per record, its media kinds joined by ``+`` (``image``, ``image+speech``, ``text``...)."""
+        voice = self.processor.settings.voice_modality
+        return ["+".join(record_modalities(r, voice)) for r in self.records]
+
+    def lengths(self) -> list[int]:
+        """Per record, ``estimate_length``."""
+        s = self.processor.settings
+        per_media = {
+            "image": s.image_tokens,
+            "video": s.video_tokens,
+            "speech": s.speech_tokens_per_chunk,
+            "audio": s.audio_tokens_per_chunk,
+        }
+        return [estimate_length(r, per_media) for r in self.records]
+
+    def __getitem__(self, index: int) -> EncodedSample | SkippedSample:
+        record = self.records[index]
+        name = record_id(record, index)
+        if isinstance(record, MalformedRecord):
+            return self._skip(index, name, record.reason)
+        try:
+            return self.processor.encode_record(record, self.media_root)
+        except UniMoeInputError as err:
+            return self._skip(index, name, str(err))
+
+    @staticmethod
+    def _skip(index: int, name: str, reason: str) -> SkippedSample:
+        logger.warning("skipping sample %s: %s", name, reason)
+        return SkippedSample(index, name, reason)
+
+
+@dataclass
+class TrainBatch:
+    """A padded micro-batch plus what the loop needs to weight it and to report skipped samples.
+
+    ``inputs`` are the model's keyword arguments; ``target_tokens`` counts supervised next-token
+    targets (labels after the one-token shift); ``filler`` is true when every sample was bad and
+    ``inputs`` hold a text-only stand-in without targets (so that every process still runs a step).
+    """
+
+    inputs: dict[str, torch.Tensor]
+    num_samples: int
+    tokens: int
+    target_tokens: int
+    skipped: list[SkippedSample] = field(default_factory=list)
+    filler: bool = False
+
+
+FILLER_RECORD = {
+    "id": "filler",
+    "conversations": [{"from": "human", "value": "."}, {"from": "gpt", "value": "."}],
+}
+
+
+class Collator:
+    """Pads encoded samples with the processor, dropping (and counting) ``SkippedSample`` items."""
+
+    def __init__(self, processor: UniMoeProcessor, padding_side: str = "right"):
+        self.processor = processor
+        self.padding_side = padding_side
+
+    def filler(self) -> EncodedSample:
+        """A text-only sample whose labels are all ignored."""
+        sample = self.processor.encode_record(FILLER_RECORD)
+        sample.labels = [IGNORE_INDEX] * len(sample.labels)
+        return sample
+
+    def __call__(self, items: Sequence[EncodedSample | SkippedSample]) -> TrainBatch:
+        skipped = [s for s in items if isinstance(s, SkippedSample)]
+        good = [s for s in items if isinstance(s, EncodedSample)]
+        samples = good or [self.filler()]
+        inputs = dict(self.processor.collate(samples, padding_side=self.padding_side))
+        labels = inputs["labels"]
+        return TrainBatch(
+            inputs=inputs,
+            num_samples=len(good),
+            tokens=int(inputs["attention_mask"].sum()),
+            target_tokens=int((labels[:, 1:] != IGNORE_INDEX).sum()),
+            skipped=skipped,
+            filler=not good,
+        )
