@@ -102,7 +102,7 @@ def run_stages(settings: DemoSettings, data_dir: Path, out: Path) -> dict[str, A
     records = json.loads((data_dir / "train.json").read_text())
     text_file = out / "text_only.json"
     text_file.write_text(json.dumps(_text_only(records)))
-    data = {"train": train_file, "media_root": str(data_dir)}
+    data = {"train": train_file, "media_root": str(data_dir), "cache_encoded": True}
     results: dict[str, Any] = {}
 
     model, processor = build_tiny(seed=settings.seed, moe_layers="none")
@@ -114,7 +114,7 @@ def run_stages(settings: DemoSettings, data_dir: Path, out: Path) -> dict[str, A
         _recipe(
             "language",
             {"path": str(base)},
-            {"train": str(text_file)},
+            {"train": str(text_file), "cache_encoded": True},
             out / "text",
             settings.text_steps,
             settings.lr["text"],

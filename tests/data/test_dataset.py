@@ -163,3 +163,32 @@ def test_data_check_reports_every_planted_problem(data_dir: Path, tmp_path: Path
     finally:
         processor.settings.max_length = limit
     assert too_long.counts["too_long"] == 6
+
+
+def _turns(question: str, answer: str) -> list[dict]:
+    return [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+
+
+def test_cache_encodes_each_record_once(processor, fixtures_dir):
+    tiny_processor = processor
+    records = [
+        {"id": "a", "image": str(fixtures_dir / "photo.jpg"), "conversations": _turns("<image>\nQ?", "yes")},
+        {"id": "b", "image": str(fixtures_dir / "missing.jpg"), "conversations": _turns("<image>\nQ?", "no")},
+    ]
+    calls = []
+    original = tiny_processor.encode_record
+
+    def counting(record, media_root=None, **kw):
+        calls.append(record["id"])
+        return original(record, media_root, **kw)
+
+    tiny_processor.encode_record = counting
+    try:
+        cached = SupervisedDataset(records, tiny_processor, cache=True)
+        first = [cached[0], cached[1], cached[0], cached[1]]
+        plain = SupervisedDataset(records, tiny_processor)
+        plain[0], plain[0]
+    finally:
+        del tiny_processor.encode_record
+    assert calls == ["a", "b", "a", "a"]
+    assert first[0] is first[2] and isinstance(first[1], SkippedSample) and first[1] is first[3]

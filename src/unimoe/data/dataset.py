@@ -124,10 +124,12 @@ class SupervisedDataset(Dataset):
         records: Sequence[dict | MalformedRecord],
         processor: UniMoeProcessor,
         media_root: str | Path | None = None,
+        cache: bool = False,
     ):
         self.records = list(records)
         self.processor = processor
         self.media_root = media_root
+        self._cache: dict[int, EncodedSample | SkippedSample] | None = {} if cache else None
 
     @classmethod
     def from_file(
@@ -137,16 +139,18 @@ class SupervisedDataset(Dataset):
         media_root: str | Path | None = None,
         tasks: Sequence[str] | None = None,
         max_samples: int | None = None,
+        cache: bool = False,
     ) -> SupervisedDataset:
         """Records of ``path`` (optionally only those whose ``task`` is in ``tasks``, at most
-        ``max_samples``); ``media_root`` defaults to the file's folder."""
+        ``max_samples``); ``media_root`` defaults to the file's folder. ``cache`` keeps encoded samples
+        in memory after their first use (for small data sets trained for several epochs)."""
         records = load_records(path)
         if tasks is not None:
             wanted = set(tasks)
             records = [r for r in records if isinstance(r, dict) and r.get("task") in wanted]
         if max_samples is not None:
             records = records[:max_samples]
-        return cls(records, processor, Path(path).parent if media_root is None else media_root)
+        return cls(records, processor, Path(path).parent if media_root is None else media_root, cache)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -168,6 +172,13 @@ class SupervisedDataset(Dataset):
         return [estimate_length(r, per_media) for r in self.records]
 
     def __getitem__(self, index: int) -> EncodedSample | SkippedSample:
+        if self._cache is None:
+            return self._encode(index)
+        if index not in self._cache:
+            self._cache[index] = self._encode(index)
+        return self._cache[index]
+
+    def _encode(self, index: int) -> EncodedSample | SkippedSample:
         record = self.records[index]
         name = record_id(record, index)
         if isinstance(record, MalformedRecord):

@@ -56,7 +56,7 @@ class ModelSpec:
 @dataclass
 class DataSpec:
     """Training data: a JSON list or JSONL file of records; media paths relative to ``media_root``
-    (default: the data file's folder)."""
+    (default: the data file's folder). ``cache_encoded`` keeps encoded samples in memory (small data)."""
 
     train: str | None = None
     media_root: str | None = None
@@ -65,6 +65,7 @@ class DataSpec:
     group_by_modality: bool = True
     group_by_length: bool = True
     num_workers: int = 0
+    cache_encoded: bool = False
 
 
 @dataclass

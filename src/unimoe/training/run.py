@@ -116,7 +116,7 @@ def _train_single(recipe: Recipe, engine: Engine) -> TrainResult:
     _log_parameters(module, engine)
     data = recipe.data
     dataset = SupervisedDataset.from_file(
-        data.train, processor, data.media_root, data.tasks, data.max_samples
+        data.train, processor, data.media_root, data.tasks, data.max_samples, data.cache_encoded
     )
     trainer = Trainer(recipe, engine, module, processor, dataset)
     result = trainer.fit()
@@ -203,7 +203,7 @@ def _train_one_expert(recipe, engine, expert, records, media_root, total: TrainR
     connectors = _expert_connectors(expert, chosen, model, voice)
     module = configure_stage(recipe, model, connectors)
     _log_parameters(module, engine, expert.name)
-    dataset = SupervisedDataset(chosen, processor, media_root)
+    dataset = SupervisedDataset(chosen, processor, media_root, recipe.data.cache_encoded)
     trainer = Trainer(recipe, engine, module, processor, dataset, tag=expert.name)
     result = trainer.fit()
     final = _final_module(
