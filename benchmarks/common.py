@@ -8,6 +8,7 @@ in a rotating order, and the median over rounds is reported: the noise falls on 
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -18,6 +19,12 @@ from typing import Any
 import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# "cpu" counts the CPU time of this process (all its threads): unlike wall time it barely moves when
+# other processes take the cores, which makes single-thread runs on a shared machine comparable.
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+# environment variables that change CPU speed: thread pools and the allocator (glibc's MALLOC_*
+# settings decide whether large tensors are re-faulted from the OS on every allocation)
+RECORDED_ENV_PREFIXES = ("OMP_", "MKL_", "MALLOC_", "THP_", "LD_PRELOAD")
 
 
 def select_device(name: str = "auto") -> torch.device:
@@ -51,19 +58,22 @@ class Case:
     reset: Callable[[], None] | None = None
 
 
-def time_once(case: Case, device: torch.device) -> float:
-    """Milliseconds of one call of ``case.run``, after its untimed ``reset``."""
+def time_once(case: Case, device: torch.device, clock: str = "wall") -> float:
+    """Milliseconds of one call of ``case.run`` on ``clock`` (a key of ``CLOCKS``), after its ``reset``."""
+    if clock != "wall" and device.type != "cpu":
+        raise ValueError(f"clock {clock!r} only measures CPU work; use 'wall' on {device.type}")
+    now = CLOCKS[clock]
     if case.reset is not None:
         case.reset()
     synchronize(device)
-    start = time.perf_counter()
+    start = now()
     case.run()
     synchronize(device)
-    return (time.perf_counter() - start) * 1e3
+    return (now() - start) * 1e3
 
 
 def interleaved_times(
-    cases: Sequence[Case], repeats: int, warmup: int, device: torch.device
+    cases: Sequence[Case], repeats: int, warmup: int, device: torch.device, clock: str = "wall"
 ) -> dict[str, list[float]]:
     """Milliseconds per case and round over ``repeats`` rounds, each round timing every case once.
 
@@ -76,17 +86,17 @@ def interleaved_times(
     for round_index in range(warmup + repeats):
         shift = round_index % len(cases)
         for case in [*cases[shift:], *cases[:shift]]:
-            elapsed = time_once(case, device)
+            elapsed = time_once(case, device, clock)
             if round_index >= warmup:
                 times[case.name].append(elapsed)
     return times
 
 
 def interleaved_medians(
-    cases: Sequence[Case], repeats: int, warmup: int, device: torch.device
+    cases: Sequence[Case], repeats: int, warmup: int, device: torch.device, clock: str = "wall"
 ) -> dict[str, float]:
     """Median milliseconds per case of ``interleaved_times``."""
-    times = interleaved_times(cases, repeats, warmup, device)
+    times = interleaved_times(cases, repeats, warmup, device, clock)
     return {name: statistics.median(values) for name, values in times.items()}
 
 
@@ -116,6 +126,7 @@ def environment(device: torch.device, dtype: torch.dtype, threads: int) -> dict[
         "dtype": str(dtype).removeprefix("torch."),
         "threads": threads,
         "torch": torch.__version__,
+        "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith(RECORDED_ENV_PREFIXES)},
     }
     if device.type == "cuda":
         info["device_name"] = torch.cuda.get_device_name(device)

@@ -251,7 +251,8 @@ class UniMoeSparseMoeBlock(nn.Module):
         token = order % num_tokens  # [N]
         slot_weights = weights.t().reshape(-1)[order]  # [N]
 
-        out = self.experts(x[token], counts)  # [N, D]
+        # index_select: its backward is an index_add_, cheaper than x[token]'s accumulating index_put_
+        out = self.experts(x.index_select(0, token), counts)  # [N, D]
         out = out * slot_weights.unsqueeze(-1).to(out.dtype)
         y = torch.zeros_like(x).index_add_(0, token, out.to(x.dtype))  # [T, D]
         return y.view(shape), logits, experts
