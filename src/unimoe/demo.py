@@ -48,18 +48,18 @@ class DemoSettings:
     n_train: int = 600
     n_heldout: int = 40
     batch_size: int = 16
-    text_steps: int = 150
+    text_steps: int = 200
     stage1_steps: int = 300
     stage2_steps: int = 300
-    stage3_steps: int = 900
+    stage3_steps: int = 1500
     lr: dict[str, float] = field(
         default_factory=lambda: {"text": 3e-3, "stage1": 3e-3, "stage2": 2e-3, "stage3": 2e-3}
     )
 
     def __post_init__(self) -> None:
         if self.quick:
-            self.n_train, self.n_heldout, self.batch_size = 24, 6, 8
-            self.text_steps = self.stage1_steps = self.stage2_steps = self.stage3_steps = 4
+            self.n_train, self.n_heldout = 128, 8
+            self.text_steps, self.stage1_steps, self.stage2_steps, self.stage3_steps = 150, 60, 60, 500
 
 
 def _loop(out: Path, steps: int, lr: float, settings: DemoSettings, warmup: float = 0.05) -> dict[str, Any]:

@@ -194,4 +194,19 @@ def build_tiny(seed: int = 0, **text_overrides):
     torch.manual_seed(seed)
     config = tiny(**text_overrides)
     model = UniMoeForConditionalGeneration(config).eval()
+    _variance_preserving_init(model.speech_encoder)
     return model, UniMoeProcessor.for_config(config)
+
+
+@torch.no_grad()
+def _variance_preserving_init(module: torch.nn.Module) -> None:
+    """He-normal weights for a random encoder's linear and conv layers.
+
+    With the usual std 0.02, a random Whisper encoder's output is almost all sinusoidal position
+    embedding: two different spoken words differ by well under 1% of its magnitude, so a frozen random
+    encoder passes next to nothing on. Unit-gain weights keep the audio in the features.
+    """
+    for layer in module.modules():
+        if isinstance(layer, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d)):
+            fan_in = layer.weight[0].numel()
+            torch.nn.init.normal_(layer.weight, std=(2.0 / fan_in) ** 0.5)

@@ -183,3 +183,13 @@ def test_save_load_round_trip_with_processor(tiny, tmp_path, fixtures_dir):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with torch.no_grad():
         torch.testing.assert_close(loaded(**b).logits, model(**a).logits, rtol=0, atol=0)
+
+
+def test_tiny_speech_encoder_output_depends_on_the_audio(tiny):
+    model, _ = tiny
+    torch.manual_seed(1)
+    a, b = torch.randn(2, 80, 200).unbind(0)
+    with torch.no_grad():
+        out = model.speech_encoder(torch.stack([a, b])).last_hidden_state
+    # the two inputs must differ by a sizeable fraction of the output, not only by round-off
+    assert (out[0] - out[1]).abs().mean() > 0.05 * out.abs().mean()
