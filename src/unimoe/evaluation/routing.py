@@ -59,7 +59,7 @@ def plot_routing(
 
 
 def plot_losses(curves: dict[str, list[float]], path: str | Path) -> None:
-    """Training loss per step, one panel per stage (each curve a stage or a stage-2 expert)."""
+    """Training loss per step (faint) and its running mean, one panel per stage."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -67,7 +67,12 @@ def plot_losses(curves: dict[str, list[float]], path: str | Path) -> None:
 
     fig, axes = plt.subplots(1, len(curves), figsize=(3.4 * len(curves), 2.8), squeeze=False)
     for ax, (name, losses) in zip(axes[0], curves.items()):
-        ax.plot(range(1, len(losses) + 1), losses, lw=1)
+        steps = np.arange(1, len(losses) + 1)
+        ax.plot(steps, losses, lw=0.6, alpha=0.35, color="C0")
+        window = max(1, len(losses) // 20)
+        if len(losses) >= window:
+            smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
+            ax.plot(steps[window - 1 :], smooth, lw=1.5, color="C0", label=f"mean of {window}")
         ax.set_title(name)
         ax.set_xlabel("step")
         ax.set_yscale("log")
