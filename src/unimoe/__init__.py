@@ -6,7 +6,11 @@ from .errors import UniMoeInputError
 from .modeling.beats import BEATsConfig, BEATsModel
 from .modeling.configuration_unimoe import UniMoeConfig
 from .modeling.configuration_unimoe_text import UniMoeTextConfig
-from .modeling.conversion import convert_release_state_dict, load_release_language_model
+from .modeling.conversion import (
+    convert_release_multimodal_state_dict,
+    convert_release_state_dict,
+    load_release_language_model,
+)
 from .modeling.modeling_unimoe import UniMoeForConditionalGeneration
 from .modeling.modeling_unimoe_text import UniMoeForCausalLM, UniMoeTextModel
 from .modeling.upcycling import upcycle_llama
@@ -28,6 +32,7 @@ __all__ = [
     "UniMoeInputError",
     "UniMoeTextConfig",
     "UniMoeTextModel",
+    "convert_release_multimodal_state_dict",
     "convert_release_state_dict",
     "load_release_language_model",
     "upcycle_llama",

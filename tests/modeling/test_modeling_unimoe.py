@@ -193,3 +193,65 @@ def test_tiny_speech_encoder_output_depends_on_the_audio(tiny):
         out = model.speech_encoder(torch.stack([a, b])).last_hidden_state
     # the two inputs must differ by a sizeable fraction of the output, not only by round-off
     assert (out[0] - out[1]).abs().mean() > 0.05 * out.abs().mean()
+
+
+def _release_keys(state: dict, qformer: bool) -> dict:
+    """Our multimodal keys written the release's way (per-expert modules, mm_projector, mm_audio_aligner)."""
+    out = {}
+    for key, value in state.items():
+        if key.startswith(("vision_tower.", "speech_encoder.", "audio_encoder.")):
+            continue  # encoders come from their own checkpoints
+        if ".mlp.experts." in key:
+            prefix, proj = key.rsplit(".", 1)
+            for i in range(value.shape[0]):
+                out[f"{prefix}.{i}.{proj}.weight".replace("language_model.", "", 1)] = value[i]
+            continue
+        for ours, theirs in (
+            ("language_model.lm_head.", "lm_head."),
+            ("language_model.model.", "model."),
+            ("image_projector.", "model.mm_projector."),
+            ("speech_connector.decoder.", "model.mm_audio_aligner.decoder.audio_decoder."),
+            ("speech_connector.query_tokens", "model.query_tokens"),
+            ("audio_connector.qformer.", "model.mm_audio_aligner.qformer.qformer."),
+            ("audio_connector.query_tokens", "mm_audio_aligner.query_tokens"),
+            (
+                "speech_connector.projector." if not qformer else "audio_connector.projector.",
+                "model.mm_audio_aligner.projector.",
+            ),
+        ):
+            if key.startswith(ours):
+                out["base_model.model." * key.startswith("image_") + theirs + key[len(ours) :]] = value
+                break
+    return out
+
+
+def test_release_multimodal_keys_load(fixtures_dir):
+    from unimoe import convert_release_multimodal_state_dict
+    from unimoe.presets import tiny
+
+    for variant in ("speech", "audio"):
+        cfg = tiny()
+        if variant == "speech":
+            cfg.audio_config = cfg.audio_qformer_config = None
+        else:
+            cfg.speech_config = None
+        torch.manual_seed(0)
+        source = UniMoeForConditionalGeneration(cfg).eval()
+        state = {
+            k: v
+            for k, v in source.state_dict().items()
+            if not (variant == "audio" and k.startswith("speech_"))
+        }
+        converted = convert_release_multimodal_state_dict(_release_keys(state, qformer=variant == "audio"))
+        torch.manual_seed(1)
+        target = UniMoeForConditionalGeneration(cfg).eval()
+        encoders = {
+            k: v
+            for k, v in source.state_dict().items()
+            if k.startswith(("vision_tower.", "speech_encoder.", "audio_encoder."))
+        }
+        missing, unexpected = target.load_state_dict({**converted, **encoders}, strict=False)
+        assert not unexpected, unexpected[:5]
+        assert not missing, missing[:5]
+        for key, value in source.state_dict().items():
+            assert torch.equal(target.state_dict()[key], value), key

@@ -151,3 +151,41 @@ def release_text_config(release: dict, state: dict[str, torch.Tensor] | None = N
         moe_layers=moe_layers,
         router=router,
     )
+
+
+# release multimodal key prefixes -> ours; first match wins (longest prefixes first)
+_MULTIMODAL_PREFIXES = (
+    ("model.mm_audio_aligner.decoder.audio_decoder.", "speech_connector.decoder."),
+    ("model.mm_audio_aligner.qformer.qformer.", "audio_connector.qformer."),
+    ("model.mm_audio_aligner.query_tokens", "audio_connector.query_tokens"),
+    ("mm_audio_aligner.query_tokens", "audio_connector.query_tokens"),
+    ("model.query_tokens", "speech_connector.query_tokens"),
+    ("model.mm_projector.", "image_projector."),
+    ("model.", "language_model.model."),
+    ("lm_head.", "language_model.lm_head."),
+)
+
+
+def convert_release_multimodal_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Maps a release multimodal state dict (the LLM with experts, ``mm_projector``, ``mm_audio_aligner``,
+    query tokens; PEFT prefixes allowed) to ``UniMoeForConditionalGeneration`` keys.
+
+    ``model.mm_audio_aligner.projector.*`` is the speech connector's projection in the speech variant
+    and the audio connector's in the audio (Q-Former) variant; the presence of Q-Former keys decides.
+    Encoder weights are not part of the release files (they load from CLIP/Whisper/BEATs checkpoints).
+    """
+    lm = convert_release_state_dict(state_dict)
+    has_qformer = any(".qformer.qformer." in k for k in lm)
+    aligner = "audio_connector.projector." if has_qformer else "speech_connector.projector."
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in lm.items():
+        if key.startswith("model.mm_audio_aligner.projector."):
+            out[aligner + key[len("model.mm_audio_aligner.projector.") :]] = tensor
+            continue
+        for old, new in _MULTIMODAL_PREFIXES:
+            if key.startswith(old):
+                out[new + key[len(old) :]] = tensor
+                break
+        else:
+            out[key] = tensor
+    return out
