@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,9 +28,11 @@ from .evaluation.routing import plot_losses, plot_routing, routing_counts
 from .inference import GenerationParams, UniMoeEngine
 from .modeling.configuration_unimoe import MODALITIES
 from .presets import build_tiny
+from .processing.conversation import PLACEHOLDER
 from .training import train, upcycle
 
 logger = logging.getLogger("unimoe.demo")
+PLACEHOLDER_LINE = re.compile(PLACEHOLDER.pattern + r"\n?")
 EXPERTS = (
     {"name": "image", "tasks": ["image_shape", "image_color"]},
     {"name": "video", "tasks": ["video_direction", "video_color"]},
@@ -84,14 +87,9 @@ def _recipe(stage: str, model: dict, data: dict, out: Path, steps: int, lr: floa
 
 def _text_only(records: list[dict]) -> list[dict]:
     """Records with media and placeholders removed: the LLM's own (text) pre-training data."""
-    import re
-
     out = []
     for r in records:
-        turns = [
-            {**t, "value": re.sub(r"<(image|video|speech|audio)>\n?", "", t["value"])}
-            for t in r["conversations"]
-        ]
+        turns = [{**t, "value": PLACEHOLDER_LINE.sub("", t["value"])} for t in r["conversations"]]
         out.append({"id": r["id"], "task": r["task"], "conversations": turns})
     return out
 

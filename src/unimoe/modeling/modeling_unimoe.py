@@ -7,6 +7,7 @@ import contextlib
 import torch
 from torch import nn
 from transformers import CLIPVisionModel, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from ..errors import UniMoeInputError
@@ -39,7 +40,7 @@ class UniMoePreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         if isinstance(module, (WhisperQueryConnector, QFormerConnector)):
-            nn.init.normal_(module.query_tokens, std=self.config.text_config.initializer_range)
+            init.normal_(module.query_tokens, std=self.config.text_config.initializer_range)
 
 
 class UniMoeForConditionalGeneration(UniMoePreTrainedModel, GenerationMixin):

@@ -136,10 +136,15 @@ def beats_fbank(
     return fbank, padding_mask
 
 
-def default_whisper_feature_extractor() -> WhisperFeatureExtractor:
-    """A Whisper-small feature extractor (80 mel bins, 16 kHz, 30 s windows), built locally."""
+def default_whisper_feature_extractor(chunk_seconds: float = 30.0) -> WhisperFeatureExtractor:
+    """A Whisper-small feature extractor (80 mel bins, 16 kHz) for ``chunk_seconds`` windows, built locally."""
     return WhisperFeatureExtractor(
-        feature_size=80, sampling_rate=16000, hop_length=160, chunk_length=30, n_fft=400, padding_value=0.0
+        feature_size=80,
+        sampling_rate=16000,
+        hop_length=160,
+        chunk_length=int(chunk_seconds),
+        n_fft=400,
+        padding_value=0.0,
     )
 
 

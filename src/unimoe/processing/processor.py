@@ -102,13 +102,7 @@ class UniMoeProcessor:
             max_length=max_length or config.text_config.max_position_embeddings,
             modalities=config.modalities,
         )
-        feature_extractor = WhisperFeatureExtractor(
-            feature_size=80,
-            sampling_rate=16000,
-            hop_length=160,
-            chunk_length=int(config.chunk_seconds),
-            n_fft=400,
-        )
+        feature_extractor = default_whisper_feature_extractor(config.chunk_seconds)
         processor = cls(tokenizer, image_processor, feature_extractor, settings=settings)
         expected = config.placeholder_ids()
         if processor.placeholder_ids != expected:
