@@ -20,6 +20,9 @@ def test_short_demo_end_to_end(tmp_path):
         assert 0.0 <= row["accuracy"] <= 1.0 and 0.0 < row["chance"] <= 0.5
     assert (out / "routing.png").stat().st_size > 1000 and (out / "loss.png").stat().st_size > 1000
     assert (out / "stage3" / "final" / "model.safetensors").is_file()
+    assert set(on_disk["encoders"]) == {"vision", "speech", "audio"}
+    for encoder in on_disk["encoders"].values():
+        assert encoder["final_loss"] < encoder["first_loss"]
     # the short run learns the colour tasks, which need the media: better than chance and than the control
     colour = [on_disk["tasks"][t] for t in ("image_color", "video_color")]
     assert sum(r["accuracy"] for r in colour) / 2 > 0.25 + 0.15

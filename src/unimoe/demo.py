@@ -1,13 +1,22 @@
 """``unimoe demo``: the whole system at small scale, on synthetic multimodal data it makes itself.
 
 Steps: synthesise the data set (real PNG, mp4 and wav files), build the tiny model and its tokenizer,
-stage 1 (connector alignment), stage 2 (one dense FFN expert per modality), upcycling into a 4-expert
-MoE, stage 3 (unified MoE tuning with LoRA), then held-out evaluation next to chance and a media-swap
-control, the routing figure, the loss curves and ``report.json`` in ``runs/demo/``.
+stage 0 (encoder pre-training, see below), a text warm-up of the LLM, stage 1 (connector alignment),
+stage 2 (one dense FFN expert per modality), upcycling into a 4-expert MoE, stage 3 (unified MoE tuning
+with LoRA), then held-out evaluation next to chance and a media-swap control, the routing figure, the
+loss curves and ``report.json`` in ``runs/demo/``.
 
-The tiny LLM has no pre-training to stand on, so before stage 1 it learns the text side of the data
-(the chat template and the answer words, media placeholders removed): the part a pretrained LLaMA
-brings in the real system. The encoders are random and stay frozen throughout, as in the paper.
+No pretrained weights can be downloaded, so the demo makes up for the two things the real system
+gets from pretraining, on data of its own that is disjoint from the instruction set:
+
+- Stage 0 gives the tiny encoders the objective of the model each stands in for
+  (``unimoe.training.encoder_pretraining``): CLIP's image-caption contrastive loss, Whisper's
+  transcription loss, BEATs' sound tagging. They are frozen afterwards, as in the paper. Speech
+  pre-training hears only the training voices.
+- The text warm-up teaches the tiny LLM the chat template, the answer words, and to answer from what
+  its context says: it reads the instruction records with every media placeholder replaced by a
+  caption of the media (``"a red circle."``), the part a pretrained LLaMA brings. Stage 1 then
+  teaches the connectors to say with media what the captions said with words.
 """
 
 from __future__ import annotations
@@ -22,7 +31,8 @@ from typing import Any
 
 import torch
 
-from .data.synth import synthesize
+from .data.synth import pretraining_corpus, synthesize
+from .data.synth_media import SOUNDS
 from .evaluation.accuracy import evaluate
 from .evaluation.routing import plot_losses, plot_routing, routing_counts
 from .inference import GenerationParams, UniMoeEngine
@@ -30,6 +40,7 @@ from .modeling.configuration_unimoe import MODALITIES
 from .presets import build_tiny
 from .processing.conversation import PLACEHOLDER
 from .training import train, upcycle
+from .training.encoder_pretraining import pretrain_encoders
 
 logger = logging.getLogger("unimoe.demo")
 PLACEHOLDER_LINE = re.compile(PLACEHOLDER.pattern + r"\n?")
@@ -39,6 +50,8 @@ EXPERTS = (
     {"name": "speech", "tasks": ["speech_word", "cross_speech_image"]},
     {"name": "audio", "tasks": ["audio_sound"]},
 )
+
+ENCODER_OBJECTIVES = {"vision": "CLIP vision", "speech": "Whisper ASR", "audio": "BEATs tagging"}
 
 
 @dataclass
@@ -51,10 +64,16 @@ class DemoSettings:
     n_train: int = 600
     n_heldout: int = 40
     batch_size: int = 16
-    text_steps: int = 200
-    stage1_steps: int = 300
+    text_steps: int = 600
+    stage1_steps: int = 1000
     stage2_steps: int = 300
-    stage3_steps: int = 1500
+    stage3_steps: int = 2500
+    encoder_steps: dict[str, int] = field(
+        default_factory=lambda: {"vision": 3000, "speech": 600, "audio": 2000}
+    )
+    corpus: dict[str, int] = field(
+        default_factory=lambda: {"n_images": 6000, "n_clips": 2000, "n_speech": 600, "n_sounds": 1000}
+    )
     lr: dict[str, float] = field(
         default_factory=lambda: {"text": 3e-3, "stage1": 3e-3, "stage2": 2e-3, "stage3": 2e-3}
     )
@@ -62,7 +81,9 @@ class DemoSettings:
     def __post_init__(self) -> None:
         if self.quick:
             self.n_train, self.n_heldout = 128, 8
-            self.text_steps, self.stage1_steps, self.stage2_steps, self.stage3_steps = 150, 60, 60, 500
+            self.text_steps, self.stage1_steps, self.stage2_steps, self.stage3_steps = 150, 100, 60, 400
+            self.encoder_steps = {"vision": 300, "speech": 100, "audio": 200}
+            self.corpus = {"n_images": 600, "n_clips": 200, "n_speech": 120, "n_sounds": 200}
 
 
 def _loop(out: Path, steps: int, lr: float, settings: DemoSettings, warmup: float = 0.05) -> dict[str, Any]:
@@ -85,25 +106,38 @@ def _recipe(stage: str, model: dict, data: dict, out: Path, steps: int, lr: floa
     return {"stage": stage, "model": model, "data": data, **_loop(out, steps, lr, settings), **extra}
 
 
-def _text_only(records: list[dict]) -> list[dict]:
-    """Records with media and placeholders removed: the LLM's own (text) pre-training data."""
+def _captioned(records: list[dict]) -> list[dict]:
+    """Records with each media placeholder replaced by its caption: the LLM's own (text) pre-training
+    data, which teaches it to answer from what the context says, as a pretrained LLaMA can."""
     out = []
     for r in records:
-        turns = [{**t, "value": PLACEHOLDER_LINE.sub("", t["value"])} for t in r["conversations"]]
+        captions = iter(r["captions"])
+        turns = [{**t, "value": _fill_placeholders(t["value"], captions)} for t in r["conversations"]]
         out.append({"id": r["id"], "task": r["task"], "conversations": turns})
     return out
+
+
+def _fill_placeholders(text: str, captions) -> str:
+    """``text`` with each placeholder line replaced by the next of ``captions`` as a sentence."""
+    return PLACEHOLDER_LINE.sub(lambda _: f"{next(captions)}.\n", text)
 
 
 def run_stages(settings: DemoSettings, data_dir: Path, out: Path) -> dict[str, Any]:
     """Text warm-up, stages 1-3 and upcycling; returns the stage results and the final model folder."""
     train_file = str(data_dir / "train.json")
     records = json.loads((data_dir / "train.json").read_text())
-    text_file = out / "text_only.json"
-    text_file.write_text(json.dumps(_text_only(records)))
+    text_file = out / "captioned.json"
+    text_file.write_text(json.dumps(_captioned(records)))
     data = {"train": train_file, "media_root": str(data_dir), "cache_encoded": True}
     results: dict[str, Any] = {}
 
     model, processor = build_tiny(seed=settings.seed, moe_layers="none")
+    start = time.time()
+    corpus = pretraining_corpus(seed=settings.seed, **settings.corpus)
+    results["encoders"] = pretrain_encoders(
+        model, processor, corpus, settings.encoder_steps, len(SOUNDS), seed=settings.seed
+    )
+    logger.info("encoder pre-training took %.1f s", time.time() - start)
     base = out / "base"
     model.save_pretrained(base)
     processor.save_pretrained(base)
@@ -241,7 +275,9 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
     print(f"[4/4] writing the report and figures in {out}")
     layers = engine.model.config.text_config.moe_layer_indices()
     plot_routing(counts, out / "routing.png", layers, [f"{e['name']} expert" for e in EXPERTS])
+    encoder_losses = results.pop("encoders")
     curves = {
+        **{f"stage 0: {ENCODER_OBJECTIVES[name]}": losses for name, losses in encoder_losses.items()},
         "text warm-up": results["text"].losses,
         "stage 1: align": results["stage1"].losses,
         "stage 2: experts": results["stage2"].losses,
@@ -251,6 +287,15 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
     report = {
         "tasks": report_tasks,
         "wall_seconds": round(time.time() - start, 1),
+        "encoders": {
+            name: {
+                "objective": ENCODER_OBJECTIVES[name],
+                "steps": len(losses),
+                "first_loss": losses[0],
+                "final_loss": losses[-1],
+            }
+            for name, losses in encoder_losses.items()
+        },
         "stages": {name: _stage_summary(r) for name, r in results.items()},
         "routing": {
             "layers": layers,

@@ -119,7 +119,7 @@ def tiny(**text_overrides) -> UniMoeConfig:
         vision_config=dict(
             hidden_size=32,
             intermediate_size=64,
-            num_hidden_layers=2,
+            num_hidden_layers=3,  # features come from the second-to-last layer: two layers of mixing
             num_attention_heads=2,
             image_size=32,
             patch_size=8,

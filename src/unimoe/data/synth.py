@@ -41,7 +41,8 @@ Record format (paths relative to ``out_dir``; one placeholder per media item, in
      "speech": ["media/speech/...wav"], "audio": ["media/audio/...wav"],   # optional lists
      "conversations": [{"from": "human", "value": "<image>\\nWhat shape is this?"},
                        {"from": "gpt", "value": "circle"}],
-     "choices": ["circle", "square", "triangle", "cross"]}
+     "choices": ["circle", "square", "triangle", "cross"],
+     "captions": ["a red circle"]}                           # one per media item, in order
 
 The release keeps speech and audio under one ``voice`` key; separate keys say which encoder to use.
 """
@@ -76,7 +77,7 @@ from unimoe.errors import UniMoeInputError
 SPLITS = ("train", "heldout")
 HELDOUT_SPEECH_VARIANTS = (6, 7)
 
-Media = tuple[str, np.ndarray]  # (kind: image|video|speech|audio, data)
+Media = tuple[str, np.ndarray, str]  # (kind: image|video|speech|audio, data, caption)
 
 
 @dataclass(frozen=True)
@@ -164,37 +165,47 @@ def _pick(options: Sequence[str], rng: np.random.Generator) -> str:
     return options[rng.integers(len(options))]
 
 
+def _image(shape: str, color: str, rng: np.random.Generator, ctx: _Context) -> Media:
+    return ("image", render_shape_image(shape, color, ctx.image_size, rng), f"a {color} {shape}")
+
+
+def _video(shape: str, color: str, direction: str, rng: np.random.Generator, ctx: _Context) -> Media:
+    frames = render_moving_shape(shape, color, direction, ctx.image_size, ctx.n_frames, rng)
+    return ("video", frames, f"a {color} {shape} moving {direction}")
+
+
+def _spoken(word: str, rng: np.random.Generator, ctx: _Context) -> Media:
+    return ("speech", _speech(word, rng, ctx), f"the word {word}")
+
+
 def _make_image_shape(answer: str, rng: np.random.Generator, ctx: _Context) -> list[Media]:
-    return [("image", render_shape_image(answer, _pick(tuple(COLORS), rng), ctx.image_size, rng))]
+    return [_image(answer, _pick(tuple(COLORS), rng), rng, ctx)]
 
 
 def _make_image_color(answer: str, rng: np.random.Generator, ctx: _Context) -> list[Media]:
-    return [("image", render_shape_image(_pick(SHAPES, rng), answer, ctx.image_size, rng))]
+    return [_image(_pick(SHAPES, rng), answer, rng, ctx)]
 
 
 def _make_video_direction(answer: str, rng: np.random.Generator, ctx: _Context) -> list[Media]:
-    shape, color = _pick(SHAPES, rng), _pick(tuple(COLORS), rng)
-    return [("video", render_moving_shape(shape, color, answer, ctx.image_size, ctx.n_frames, rng))]
+    return [_video(_pick(SHAPES, rng), _pick(tuple(COLORS), rng), answer, rng, ctx)]
 
 
 def _make_video_color(answer: str, rng: np.random.Generator, ctx: _Context) -> list[Media]:
-    shape, direction = _pick(SHAPES, rng), _pick(DIRECTIONS, rng)
-    return [("video", render_moving_shape(shape, answer, direction, ctx.image_size, ctx.n_frames, rng))]
+    return [_video(_pick(SHAPES, rng), answer, _pick(DIRECTIONS, rng), rng, ctx)]
 
 
 def _make_speech_word(answer: str, rng: np.random.Generator, ctx: _Context) -> list[Media]:
-    return [("speech", _speech(answer, rng, ctx))]
+    return [_spoken(answer, rng, ctx)]
 
 
 def _make_audio_sound(answer: str, rng: np.random.Generator, ctx: _Context) -> list[Media]:
-    return [("audio", render_sound(answer, rng))]
+    return [("audio", render_sound(answer, rng), f"a {answer} sound")]
 
 
 def _make_cross_speech_image(answer: str, rng: np.random.Generator, ctx: _Context) -> list[Media]:
     shape = _pick(SHAPES, rng)
     word = shape if answer == "yes" else _pick([s for s in SHAPES if s != shape], rng)
-    image = render_shape_image(shape, _pick(tuple(COLORS), rng), ctx.image_size, rng)
-    return [("image", image), ("speech", _speech(word, rng, ctx))]
+    return [_image(shape, _pick(tuple(COLORS), rng), rng, ctx), _spoken(word, rng, ctx)]
 
 
 _MAKERS: dict[str, Callable[[str, np.random.Generator, _Context], list[Media]]] = {
@@ -211,7 +222,7 @@ _MAKERS: dict[str, Callable[[str, np.random.Generator, _Context], list[Media]]] 
 def _write_media(out_dir: Path, record_id: str, media: list[Media]) -> list[tuple[str, str]]:
     """Write each media item under ``out_dir/media``; returns (kind, path relative to out_dir)."""
     written = []
-    for k, (kind, data) in enumerate(media):
+    for k, (kind, data, _) in enumerate(media):
         folder, suffix, write = _MEDIA_LAYOUT[kind]
         name = record_id if len(media) == 1 else f"{record_id}-{k}"
         rel = f"media/{folder}/{name}{suffix}"
@@ -221,9 +232,15 @@ def _write_media(out_dir: Path, record_id: str, media: list[Media]) -> list[tupl
 
 
 def _record(
-    record_id: str, spec: TaskSpec, paths: list[tuple[str, str]], question: str, answer: str
+    record_id: str,
+    spec: TaskSpec,
+    paths: list[tuple[str, str]],
+    captions: list[str],
+    question: str,
+    answer: str,
 ) -> dict[str, Any]:
-    """One training record: media keys, a single-turn conversation and the closed answer set."""
+    """One training record: media keys, a single-turn conversation, the closed answer set and a
+    caption per media item."""
     record: dict[str, Any] = {"id": record_id, "task": spec.name}
     for kind, rel in paths:
         if kind in ("image", "video"):
@@ -233,6 +250,7 @@ def _record(
     prompt = "".join(f"<{kind}>\n" for kind, _ in paths) + question
     record["conversations"] = [{"from": "human", "value": prompt}, {"from": "gpt", "value": answer}]
     record["choices"] = list(spec.choices)
+    record["captions"] = captions
     return record
 
 
@@ -247,7 +265,9 @@ def _generate(out_dir: Path, task: str, n: int, seed: int, ctx: _Context) -> lis
         media = make(answer, rng, ctx)
         record_id = f"{ctx.split}-{task}-{i:05d}"
         question = _pick(spec.questions, rng)
-        records.append(_record(record_id, spec, _write_media(out_dir, record_id, media), question, answer))
+        paths = _write_media(out_dir, record_id, media)
+        captions = [caption for _, _, caption in media]
+        records.append(_record(record_id, spec, paths, captions, question, answer))
     return records
 
 
@@ -300,3 +320,56 @@ def synthesize(
         }
         for task in selected
     }
+
+
+@dataclass
+class PretrainingCorpus:
+    """Captioned media for the encoders' own pre-training, in memory.
+
+    ``images``: uint8 [H, W, 3] still shapes with ``captions`` such as ``"a red circle"``; ``clips``:
+    uint8 [F, H, W, 3] moving shapes with ``clip_captions`` such as ``"a red circle moving left"``; ``speech``: float32 clips
+    with their ``transcripts``; ``sounds``: float32 clips with ``sound_labels`` (indices into ``SOUNDS``).
+    """
+
+    images: list[np.ndarray]
+    captions: list[str]
+    clips: list[np.ndarray]
+    clip_captions: list[str]
+    speech: list[np.ndarray]
+    transcripts: list[str]
+    sounds: list[np.ndarray]
+    sound_labels: list[int]
+
+
+def pretraining_corpus(
+    seed: int = 0,
+    n_images: int = 1200,
+    n_clips: int = 300,
+    n_speech: int = 600,
+    n_sounds: int = 500,
+    image_size: int = 32,
+    n_frames: int = 8,
+) -> PretrainingCorpus:
+    """A corpus disjoint from the instruction set (its own random stream) for encoder pre-training.
+
+    Speech uses only the training voices, so held-out speech stays unheard.
+    """
+    rng = np.random.default_rng([seed, len(SPLITS), 0])
+    ctx = _Context(split="train", image_size=image_size, n_frames=n_frames)
+    images, captions = [], []
+    for _ in range(n_images):
+        shape, color = _pick(SHAPES, rng), _pick(tuple(COLORS), rng)
+        images.append(render_shape_image(shape, color, image_size, rng))
+        captions.append(f"a {color} {shape}")
+    clips, clip_captions = [], []
+    for _ in range(n_clips):
+        shape, color, direction = _pick(SHAPES, rng), _pick(tuple(COLORS), rng), _pick(DIRECTIONS, rng)
+        clips.append(render_moving_shape(shape, color, direction, image_size, n_frames, rng))
+        clip_captions.append(f"a {color} {shape} moving {direction}")
+    transcripts = [_pick(SPEECH_WORDS, rng) for _ in range(n_speech)]
+    speech = [_speech(word, rng, ctx) for word in transcripts]
+    sound_labels = [int(rng.integers(len(SOUNDS))) for _ in range(n_sounds)]
+    sounds = [render_sound(SOUNDS[k], rng) for k in sound_labels]
+    return PretrainingCorpus(
+        images, captions, clips, clip_captions, speech, transcripts, sounds, sound_labels
+    )

@@ -45,7 +45,7 @@ def shape_coverage(shape: str, size: int, cx: float, cy: float, r: float) -> np.
     if shape == "circle":
         mask = dx**2 + dy**2 <= r**2
     elif shape == "square":
-        mask = np.maximum(np.abs(dx), np.abs(dy)) <= 0.85 * r
+        mask = np.maximum(np.abs(dx), np.abs(dy)) <= r
     elif shape == "triangle":
         top, bottom = -r, 0.8 * r
         half_width = r * (dy - top) / (bottom - top)
@@ -75,7 +75,7 @@ def render_shape_image(shape: str, color: str, size: int, rng: np.random.Generat
 
     Returns uint8 [size, size, 3].
     """
-    r = rng.uniform(0.22, 0.34) * size
+    r = rng.uniform(0.28, 0.38) * size
     cx, cy = rng.uniform(r + 1, size - r - 1, size=2)
     cov = shape_coverage(shape, size, cx, cy, r)[..., None]  # [size, size, 1]
     img = _background(size, rng) * (1 - cov) + jittered_color(color, rng) * cov
@@ -153,13 +153,13 @@ def render_sound(kind: str, rng: np.random.Generator) -> np.ndarray:
     elif kind == "beep":
         wav = np.sin(2 * np.pi * 2000.0 * jitter * t)
     elif kind == "chirp":
-        f_lo, f_hi, dur = 400.0 * jitter, 3200.0 * jitter, n / SAMPLE_RATE
+        f_lo, f_hi, dur = 500.0 * jitter, 1500.0 * jitter, n / SAMPLE_RATE
         k = np.log(f_hi / f_lo) / dur  # exponential sweep f(t) = f_lo * exp(k t)
         wav = np.sin(2 * np.pi * f_lo * (np.exp(k * t) - 1) / k)
     elif kind == "noise":
         wav = rng.standard_normal(n)
     elif kind == "clicks":
-        wav = _click_train(n, 8.0 * jitter, rng)
+        wav = _click_train(n, 16.0 * jitter, rng)
     else:
         raise ValueError(f"unknown sound {kind!r}; expected one of {SOUNDS}")
     wav = _fade(wav.astype(np.float32))

@@ -65,8 +65,12 @@ def plot_losses(curves: dict[str, list[float]], path: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(curves), figsize=(3.4 * len(curves), 2.8), squeeze=False)
-    for ax, (name, losses) in zip(axes[0], curves.items()):
+    columns = min(4, len(curves))
+    rows = -(-len(curves) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.4 * columns, 2.8 * rows), squeeze=False)
+    for ax in axes.flat[len(curves) :]:
+        ax.set_visible(False)
+    for ax, (name, losses) in zip(axes.flat, curves.items()):
         steps = np.arange(1, len(losses) + 1)
         ax.plot(steps, losses, lw=0.6, alpha=0.35, color="C0")
         window = max(1, len(losses) // 20)
@@ -76,7 +80,8 @@ def plot_losses(curves: dict[str, list[float]], path: str | Path) -> None:
         ax.set_title(name)
         ax.set_xlabel("step")
         ax.set_yscale("log")
-    axes[0][0].set_ylabel("loss")
+    for row in axes:
+        row[0].set_ylabel("loss")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
