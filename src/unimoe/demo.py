@@ -69,7 +69,7 @@ class DemoSettings:
     stage2_steps: int = 300
     stage3_steps: int = 2500
     encoder_steps: dict[str, int] = field(
-        default_factory=lambda: {"vision": 3000, "speech": 600, "audio": 2000}
+        default_factory=lambda: {"vision": 3000, "speech": 600, "audio": 500}
     )
     corpus: dict[str, int] = field(
         default_factory=lambda: {"n_images": 6000, "n_clips": 2000, "n_speech": 600, "n_sounds": 1000}

@@ -92,6 +92,19 @@ def test_records_are_valid(synth_dir: Path) -> None:
             media = _media_paths(r)
             assert placeholders == [kind for kind, _ in media], r["id"]
             assert media and all((synth_dir / p).is_file() for _, p in media), r["id"]
+            assert len(r["captions"]) == len(media), r["id"]
+
+
+def test_captions_describe_the_media(synth_dir: Path) -> None:
+    for r in _load(synth_dir, "train"):
+        answer, captions = r["conversations"][1]["value"], r["captions"]
+        if r["task"] == "cross_speech_image":
+            shape, word = captions[0].split()[-1], captions[1].split()[-1]
+            assert (shape == word) == (answer == "yes"), r["id"]
+        elif r["task"] == "audio_sound":
+            assert captions == [f"a {answer} sound"]
+        else:
+            assert answer in captions[0].split(), r["id"]
 
 
 def test_answers_are_balanced(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ back in place. Returns the loss per step.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import string
@@ -24,6 +25,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 from transformers import (
     CLIPConfig,
     CLIPModel,
@@ -62,7 +64,8 @@ def _fit(
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     generator = torch.Generator().manual_seed(seed)
     losses = []
-    for step in range(steps):
+    bar = tqdm(range(steps), desc=f"stage 0: {name}", dynamic_ncols=True)
+    for _ in bar:
         index = torch.randint(n, (min(batch_size, n),), generator=generator)
         loss = loss_of(index)
         loss.backward()
@@ -71,8 +74,8 @@ def _fit(
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
-        if step % 50 == 0 or step == steps - 1:
-            logger.info("%s pre-training step %d/%d loss %.4f", name, step + 1, steps, losses[-1])
+        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    logger.info("%s pre-training: loss %.4f -> %.4f in %d steps", name, losses[0], losses[-1], steps)
     return losses
 
 
@@ -160,9 +163,7 @@ def pretrain_vision(
             nn.functional.cross_entropy(logits, target) + nn.functional.cross_entropy(logits.T, target)
         ) / 2
 
-    losses = _fit(
-        list(clip.parameters()), loss_of, len(captions), steps, batch_size, lr, seed, "vision (CLIP)"
-    )
+    losses = _fit(list(clip.parameters()), loss_of, len(captions), steps, batch_size, lr, seed, "CLIP vision")
     tower.load_state_dict(clip.vision_model.state_dict())
     return losses
 
@@ -200,7 +201,7 @@ def pretrain_speech(
     def loss_of(index: torch.Tensor) -> torch.Tensor:
         return asr(input_features=features[index], labels=labels[index]).loss
 
-    losses = _fit(list(asr.parameters()), loss_of, len(rows), steps, batch_size, lr, seed, "speech (Whisper)")
+    losses = _fit(list(asr.parameters()), loss_of, len(rows), steps, batch_size, lr, seed, "Whisper ASR")
     encoder.load_state_dict(asr.model.encoder.state_dict())
     return losses
 
@@ -218,19 +219,19 @@ def pretrain_audio(
 ) -> list[float]:
     """BEATs tagging pre-training of ``encoder`` on fbank ``[N, T, 128]`` (padding mask ``[N, T]``)."""
     torch.manual_seed(seed)
+    tagger = copy.deepcopy(encoder).requires_grad_(True).train()
     head = nn.Linear(encoder.config.encoder_embed_dim, num_classes)
     target = torch.as_tensor(labels, dtype=torch.long)
-    encoder.train()
 
     def loss_of(index: torch.Tensor) -> torch.Tensor:
-        feats, mask = encoder(fbank[index], padding_mask[index])  # [B, T', D], [B, T']
+        feats, mask = tagger(fbank[index], padding_mask[index])  # [B, T', D], [B, T']
         keep = (~mask).unsqueeze(-1).to(feats.dtype)
         pooled = (feats * keep).sum(1) / keep.sum(1).clamp(min=1)
         return nn.functional.cross_entropy(head(pooled), target[index])
 
-    params = [*encoder.parameters(), *head.parameters()]
-    losses = _fit(params, loss_of, len(target), steps, batch_size, lr, seed, "audio (BEATs)")
-    encoder.eval()
+    params = [*tagger.parameters(), *head.parameters()]
+    losses = _fit(params, loss_of, len(target), steps, batch_size, lr, seed, "BEATs tagging")
+    encoder.load_state_dict(tagger.state_dict())
     return losses
 
 

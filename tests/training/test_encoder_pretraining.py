@@ -1,0 +1,112 @@
+"""Stage 0: the encoders' own pre-training objectives, on a few tiny batches."""
+
+import numpy as np
+import pytest
+import torch
+
+from unimoe.data.synth import pretraining_corpus
+from unimoe.data.synth_media import SOUNDS
+from unimoe.presets import build_tiny
+from unimoe.training.encoder_pretraining import (
+    character_ids,
+    pretrain_audio,
+    pretrain_encoders,
+    pretrain_speech,
+    pretrain_vision,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.set_num_threads(1)
+    return build_tiny(seed=0, moe_layers="none")
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return pretraining_corpus(seed=3, n_images=48, n_clips=8, n_speech=24, n_sounds=24)
+
+
+def _state(module):
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def _changed(before, module):
+    return any(not torch.equal(before[k], v) for k, v in module.state_dict().items())
+
+
+def _mean(xs):
+    return sum(xs) / len(xs)
+
+
+def test_character_ids_hand_computed():
+    # a=3, ..., e=7, n=16, o=17; then the end id 2
+    assert character_ids("one") == [17, 16, 7, 2]
+    assert character_ids("a b") == [3, 3 + 26, 4, 2]
+    with pytest.raises(ValueError, match="outside"):
+        character_ids("Two")
+
+
+def test_pretraining_corpus_is_deterministic_and_captioned(corpus):
+    again = pretraining_corpus(seed=3, n_images=48, n_clips=8, n_speech=24, n_sounds=24)
+    assert all(np.array_equal(a, b) for a, b in zip(corpus.images, again.images))
+    assert all(np.array_equal(a, b) for a, b in zip(corpus.speech, again.speech))
+    assert corpus.captions == again.captions and corpus.clip_captions == again.clip_captions
+    assert len(corpus.images) == 48 and corpus.clips[0].shape == (8, 32, 32, 3)
+    assert all(len(c.split()) == 3 for c in corpus.captions)  # "a <colour> <shape>"
+    assert all(c.split()[3] == "moving" for c in corpus.clip_captions)
+    assert set(corpus.sound_labels) <= set(range(len(SOUNDS)))
+    other = pretraining_corpus(seed=4, n_images=48, n_clips=0, n_speech=0, n_sounds=0)
+    assert not all(np.array_equal(a, b) for a, b in zip(corpus.images, other.images))
+
+
+def test_vision_pretraining_learns_and_writes_back(tiny, corpus):
+    model, processor = tiny
+    tower = model.vision_tower
+    before = _state(tower)
+    pixels = torch.stack([processor.featurize("image", im)[0] for im in corpus.images])
+    clips = torch.stack([processor.featurize("video", list(c))[0] for c in corpus.clips])
+    losses = pretrain_vision(
+        tower,
+        pixels,
+        corpus.captions,
+        processor.tokenizer,
+        clips,
+        corpus.clip_captions,
+        steps=60,
+        batch_size=16,
+    )
+    assert len(losses) == 60 and all(np.isfinite(losses))
+    assert _mean(losses[-10:]) < 0.8 * _mean(losses[:10])
+    assert _changed(before, tower)
+
+
+def test_speech_pretraining_learns_transcription(tiny, corpus):
+    model, processor = tiny
+    encoder = model.speech_encoder
+    before = _state(encoder)
+    features = torch.cat([processor.featurize("speech", clip)[0][:1] for clip in corpus.speech])
+    losses = pretrain_speech(encoder, features, corpus.transcripts, steps=40, batch_size=8)
+    assert _mean(losses[-5:]) < 0.75 * _mean(losses[:5])
+    assert _changed(before, encoder)
+
+
+def test_audio_pretraining_learns_tags(tiny, corpus):
+    model, processor = tiny
+    encoder = model.audio_encoder
+    before = _state(encoder)
+    items = [processor.featurize("audio", clip) for clip in corpus.sounds]
+    fbank = torch.cat([f[:1] for f, _, _ in items])
+    mask = torch.cat([m[:1] for _, m, _ in items])
+    losses = pretrain_audio(encoder, fbank, mask, corpus.sound_labels, len(SOUNDS), steps=40, batch_size=8)
+    assert _mean(losses[-5:]) < 0.7 * _mean(losses[:5])
+    assert _changed(before, encoder)
+
+
+def test_pretrain_encoders_runs_only_what_is_asked(corpus):
+    torch.set_num_threads(1)
+    model, processor = build_tiny(seed=1, moe_layers="none")
+    vision, speech = _state(model.vision_tower), _state(model.speech_encoder)
+    losses = pretrain_encoders(model, processor, corpus, {"audio": 3, "vision": 0}, len(SOUNDS))
+    assert set(losses) == {"audio"} and len(losses["audio"]) == 3
+    assert not _changed(vision, model.vision_tower) and not _changed(speech, model.speech_encoder)
