@@ -5,8 +5,8 @@ built from a preset has random encoders, whose features carry colour and loudnes
 motion or phonetics. These functions give such encoders the pre-training objective of their
 originals on a captioned corpus, using the original model classes from transformers:
 
-- ``pretrain_vision``: CLIP's contrastive image-caption loss (``CLIPModel(return_loss=True)``), with a
-  small text tower built for the occasion and thrown away afterwards.
+- ``pretrain_vision``: CLIP's symmetric contrastive image-caption loss on a ``CLIPModel``, whose small
+  text tower is built for the occasion and thrown away afterwards; scores are token-wise (see there).
 - ``pretrain_speech``: Whisper's transcription loss (``WhisperForConditionalGeneration``), on a
   character vocabulary.
 - ``pretrain_audio``: BEATs' fine-tuning objective, sound-class tagging from mean-pooled features.
@@ -258,7 +258,7 @@ def pretrain_encoders(
             steps=steps["vision"],
             seed=seed,
         )
-    if steps.get("speech"):
+    if steps.get("speech"):  # clips are shorter than a chunk: the first chunk holds the word
         features = torch.cat([processor.featurize("speech", clip)[0][:1] for clip in corpus.speech])
         losses["speech"] = pretrain_speech(
             model.speech_encoder, features, corpus.transcripts, steps["speech"], seed=seed
