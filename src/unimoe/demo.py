@@ -123,7 +123,8 @@ def _fill_placeholders(text: str, captions) -> str:
 
 
 def run_stages(settings: DemoSettings, data_dir: Path, out: Path) -> dict[str, Any]:
-    """Text warm-up, stages 1-3 and upcycling; returns the stage results and the final model folder."""
+    """Stage 0, text warm-up, stages 1-3 and upcycling; returns the stage results (``encoders``: the
+    stage-0 loss curves) and the final model folder."""
     train_file = str(data_dir / "train.json")
     records = json.loads((data_dir / "train.json").read_text())
     text_file = out / "captioned.json"
@@ -260,7 +261,8 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
     print(f"[1/4] synthesising the data set in {data_dir}")
     summary = synthesize(data_dir, seed=settings.seed, n_train=settings.n_train, n_heldout=settings.n_heldout)
     print(
-        "[2/4] training: text warm-up, stage 1 (alignment), stage 2 (experts), upcycling, stage 3 (unified MoE)"
+        "[2/4] training: stage 0 (encoders), text warm-up, stage 1 (alignment), stage 2 (experts), "
+        "upcycling, stage 3 (unified MoE)"
     )
     results = run_stages(settings, data_dir, out)
     final = results["stage3"].final_dir
