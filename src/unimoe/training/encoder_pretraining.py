@@ -109,7 +109,8 @@ def pretrain_vision(
     The score of an image and a caption is the mean, over the image's patch tokens at
     ``feature_layer`` (CLS dropped), of their cosine similarities to the caption (token-wise, as in
     FILIP): every token the LLM reads is taught the caption, so a frozen LLM can read any of them. A
-    clip's score also averages over its frames, as the model's mean-pooled video path does.
+    clip's score averages over the patch tokens of all its frames (the model mean-pools a clip's
+    frames, so what every frame's tokens say survives the pooling).
     Each step holds ``batch_size`` images and half as many clips.
     """
     vision = tower.config
