@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import string
 from collections.abc import Callable, Sequence
 
@@ -35,6 +34,8 @@ from transformers import (
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from ..modeling.beats import BEATsModel
+from .optim import build_optimizer, build_scheduler
+from .recipe import OptimSpec
 
 logger = logging.getLogger(__name__)
 
@@ -52,16 +53,10 @@ def _fit(
     seed: int,
     name: str,
 ) -> list[float]:
-    """AdamW with linear warm-up and cosine decay over random batches of indices into ``n`` items."""
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    warmup = max(1, steps // 20)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    """The stages' AdamW and warm-up + cosine schedule over random batches of indices into ``n`` items."""
+    spec = OptimSpec(lr=lr, weight_decay=0.01, warmup_ratio=0.05)
+    optimizer = build_optimizer(params, spec)
+    schedule = build_scheduler(optimizer, spec, steps)
     generator = torch.Generator().manual_seed(seed)
     losses = []
     bar = tqdm(range(steps), desc=f"stage 0: {name}", dynamic_ncols=True)
@@ -69,7 +64,7 @@ def _fit(
         index = torch.randint(n, (min(batch_size, n),), generator=generator)
         loss = loss_of(index)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
