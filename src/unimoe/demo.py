@@ -40,7 +40,7 @@ from .modeling.configuration_unimoe import MODALITIES
 from .presets import build_tiny
 from .processing.conversation import PLACEHOLDER
 from .training import train, upcycle
-from .training.encoder_pretraining import pretrain_encoders
+from .training.encoder_pretraining import OBJECTIVES, pretrain_encoders
 
 logger = logging.getLogger("unimoe.demo")
 PLACEHOLDER_LINE = re.compile(PLACEHOLDER.pattern + r"\n?")
@@ -50,8 +50,6 @@ EXPERTS = (
     {"name": "speech", "tasks": ["speech_word", "cross_speech_image"]},
     {"name": "audio", "tasks": ["audio_sound"]},
 )
-
-ENCODER_OBJECTIVES = {"vision": "CLIP vision", "speech": "Whisper ASR", "audio": "BEATs tagging"}
 
 
 @dataclass
@@ -279,7 +277,7 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
     plot_routing(counts, out / "routing.png", layers, [f"{e['name']} expert" for e in EXPERTS])
     encoder_losses = results.pop("encoders")
     curves = {
-        **{f"stage 0: {ENCODER_OBJECTIVES[name]}": losses for name, losses in encoder_losses.items()},
+        **{f"stage 0: {OBJECTIVES[name]}": losses for name, losses in encoder_losses.items()},
         "text warm-up": results["text"].losses,
         "stage 1: align": results["stage1"].losses,
         "stage 2: experts": results["stage2"].losses,
@@ -291,7 +289,7 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
         "wall_seconds": round(time.time() - start, 1),
         "encoders": {
             name: {
-                "objective": ENCODER_OBJECTIVES[name],
+                "objective": OBJECTIVES[name],
                 "steps": len(losses),
                 "first_loss": losses[0],
                 "final_loss": losses[-1],

@@ -327,8 +327,9 @@ class PretrainingCorpus:
     """Captioned media for the encoders' own pre-training, in memory.
 
     ``images``: uint8 [H, W, 3] still shapes with ``captions`` such as ``"a red circle"``; ``clips``:
-    uint8 [F, H, W, 3] moving shapes with ``clip_captions`` such as ``"a red circle moving left"``; ``speech``: float32 clips
-    with their ``transcripts``; ``sounds``: float32 clips with ``sound_labels`` (indices into ``SOUNDS``).
+    uint8 [F, H, W, 3] moving shapes with ``clip_captions`` such as ``"a red circle moving left"``;
+    ``speech``: float32 clips with their ``transcripts``; ``sounds``: float32 clips with
+    ``sound_labels`` (indices into ``SOUNDS``).
     """
 
     images: list[np.ndarray]
@@ -356,20 +357,22 @@ def pretraining_corpus(
     """
     rng = np.random.default_rng([seed, len(SPLITS), 0])
     ctx = _Context(split="train", image_size=image_size, n_frames=n_frames)
-    images, captions = [], []
-    for _ in range(n_images):
-        shape, color = _pick(SHAPES, rng), _pick(tuple(COLORS), rng)
-        images.append(render_shape_image(shape, color, image_size, rng))
-        captions.append(f"a {color} {shape}")
-    clips, clip_captions = [], []
-    for _ in range(n_clips):
-        shape, color, direction = _pick(SHAPES, rng), _pick(tuple(COLORS), rng), _pick(DIRECTIONS, rng)
-        clips.append(render_moving_shape(shape, color, direction, image_size, n_frames, rng))
-        clip_captions.append(f"a {color} {shape} moving {direction}")
+    stills = [_image(_pick(SHAPES, rng), _pick(tuple(COLORS), rng), rng, ctx) for _ in range(n_images)]
+    moving = [
+        _video(_pick(SHAPES, rng), _pick(tuple(COLORS), rng), _pick(DIRECTIONS, rng), rng, ctx)
+        for _ in range(n_clips)
+    ]
     transcripts = [_pick(SPEECH_WORDS, rng) for _ in range(n_speech)]
     speech = [_speech(word, rng, ctx) for word in transcripts]
     sound_labels = [int(rng.integers(len(SOUNDS))) for _ in range(n_sounds)]
     sounds = [render_sound(SOUNDS[k], rng) for k in sound_labels]
     return PretrainingCorpus(
-        images, captions, clips, clip_captions, speech, transcripts, sounds, sound_labels
+        images=[data for _, data, _ in stills],
+        captions=[caption for _, _, caption in stills],
+        clips=[data for _, data, _ in moving],
+        clip_captions=[caption for _, _, caption in moving],
+        speech=speech,
+        transcripts=transcripts,
+        sounds=sounds,
+        sound_labels=sound_labels,
     )

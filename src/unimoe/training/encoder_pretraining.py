@@ -39,6 +39,7 @@ from .recipe import OptimSpec
 
 logger = logging.getLogger(__name__)
 
+OBJECTIVES = {"vision": "CLIP vision", "speech": "Whisper ASR", "audio": "BEATs tagging"}
 CHARACTERS = string.ascii_lowercase + " '"
 _FIRST_CHAR_ID = 3  # 0 pad, 1 start, 2 end
 
@@ -159,7 +160,9 @@ def pretrain_vision(
             nn.functional.cross_entropy(logits, target) + nn.functional.cross_entropy(logits.T, target)
         ) / 2
 
-    losses = _fit(list(clip.parameters()), loss_of, len(captions), steps, batch_size, lr, seed, "CLIP vision")
+    losses = _fit(
+        list(clip.parameters()), loss_of, len(captions), steps, batch_size, lr, seed, OBJECTIVES["vision"]
+    )
     tower.load_state_dict(clip.vision_model.state_dict())
     return losses
 
@@ -197,7 +200,9 @@ def pretrain_speech(
     def loss_of(index: torch.Tensor) -> torch.Tensor:
         return asr(input_features=features[index], labels=labels[index]).loss
 
-    losses = _fit(list(asr.parameters()), loss_of, len(rows), steps, batch_size, lr, seed, "Whisper ASR")
+    losses = _fit(
+        list(asr.parameters()), loss_of, len(rows), steps, batch_size, lr, seed, OBJECTIVES["speech"]
+    )
     encoder.load_state_dict(asr.model.encoder.state_dict())
     return losses
 
@@ -226,7 +231,7 @@ def pretrain_audio(
         return nn.functional.cross_entropy(head(pooled), target[index])
 
     params = [*tagger.parameters(), *head.parameters()]
-    losses = _fit(params, loss_of, len(target), steps, batch_size, lr, seed, "BEATs tagging")
+    losses = _fit(params, loss_of, len(target), steps, batch_size, lr, seed, OBJECTIVES["audio"])
     encoder.load_state_dict(tagger.state_dict())
     return losses
 
