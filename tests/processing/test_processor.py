@@ -48,7 +48,8 @@ def test_labels_cover_only_assistant_answers(proc):
     expected = proc._tokens("circle") + [eos] + proc._tokens("square") + [eos]
     assert supervised == expected
     assert sample.input_ids[0] == proc.tokenizer.bos_token_id
-    assert proc.decode(supervised) == "circlesquare"
+    # the space between the answers differs across tokenizer releases; the ids above are exact
+    assert proc.decode(supervised).replace(" ", "") == "circlesquare"
 
 
 def test_voice_goes_to_speech_and_audio_key_to_audio(proc, fixtures_dir):

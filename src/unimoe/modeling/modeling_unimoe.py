@@ -10,6 +10,7 @@ from transformers import CLIPVisionModel, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
+from ..compat import pop_cache
 from ..errors import UniMoeInputError
 from .beats import BEATsModel
 from .configuration_unimoe import MODALITIES, UniMoeConfig
@@ -31,7 +32,7 @@ class UniMoePreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["UniMoeDecoderLayer", "CLIPEncoderLayer", "WhisperEncoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_attention_backend = True
@@ -192,7 +193,7 @@ class UniMoeForConditionalGeneration(UniMoePreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
+        cache=None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         pixel_values: torch.FloatTensor | None = None,
@@ -220,7 +221,7 @@ class UniMoeForConditionalGeneration(UniMoePreTrainedModel, GenerationMixin):
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=pop_cache(cache, kwargs),
             labels=labels,
             use_cache=use_cache,
             output_router_logits=output_router_logits,

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
@@ -18,30 +16,31 @@ from transformers.models.llama.modeling_llama import (
     LlamaRotaryEmbedding,
 )
 
+from ..compat import cache_kwargs, model_output, pop_cache
 from .configuration_unimoe_text import UniMoeTextConfig
 from .moe import GroupedExperts, UniMoeSparseMoeBlock, load_balancing_loss, router_z_loss
 
 
-@dataclass
+@model_output
 class UniMoeModelOutput(ModelOutput):
     """Decoder output. ``router_logits[i]`` ``[T, E]`` and ``expert_indices[i]`` ``[T, k]`` belong to the
     i-th MoE layer (``config.moe_layer_indices()[i]``); T = batch * sequence."""
 
     last_hidden_state: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
+    cache: Cache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     router_logits: tuple[torch.FloatTensor, ...] | None = None
     expert_indices: tuple[torch.LongTensor, ...] | None = None
 
 
-@dataclass
+@model_output
 class UniMoeCausalLMOutput(ModelOutput):
     """Causal LM output. ``loss = lm_loss + aux_coef * aux_loss + z_coef * z_loss`` when labels are given;
     ``aux_loss`` and ``z_loss`` are summed over MoE layers and reported unweighted."""
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
+    cache: Cache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     lm_loss: torch.FloatTensor | None = None
     aux_loss: torch.FloatTensor | None = None
@@ -66,17 +65,18 @@ class UniMoeDecoderLayer(GradientCheckpointingLayer):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        cache = pop_cache(cache, kwargs)
         residual = hidden_states
         hidden_states, _ = self.self_attn(
             hidden_states=self.input_layernorm(hidden_states),
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             position_embeddings=position_embeddings,
+            **cache_kwargs(cache),
             **kwargs,
         )
         hidden_states = residual + hidden_states
@@ -96,7 +96,7 @@ class UniMoePreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["UniMoeDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
@@ -133,12 +133,14 @@ class UniMoeTextModel(UniMoePreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         **kwargs,
     ) -> UniMoeModelOutput:
+        """``cache`` (or its older name ``past_key_values``) holds the keys and values of earlier steps."""
+        cache = pop_cache(cache, kwargs)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
@@ -146,10 +148,12 @@ class UniMoeTextModel(UniMoePreTrainedModel):
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if self.gradient_checkpointing and self.training:
             use_cache = False
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+        if not use_cache:
+            cache = None
+        elif cache is None:
+            cache = DynamicCache(config=self.config)
         if position_ids is None:
-            past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+            past_seen = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen
             position_ids = position_ids.unsqueeze(0)
 
@@ -157,8 +161,8 @@ class UniMoeTextModel(UniMoePreTrainedModel):
             config=self.config,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
             position_ids=position_ids,
+            **cache_kwargs(cache),
         )
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
@@ -172,7 +176,7 @@ class UniMoeTextModel(UniMoePreTrainedModel):
                 hidden_states,
                 attention_mask=causal_mask,
                 position_ids=position_ids,
-                past_key_values=past_key_values if use_cache else None,
+                cache=cache,
                 position_embeddings=position_embeddings,
                 **kwargs,
             )
@@ -184,7 +188,7 @@ class UniMoeTextModel(UniMoePreTrainedModel):
             all_hidden.append(hidden_states)
         return UniMoeModelOutput(
             last_hidden_state=hidden_states,
-            past_key_values=past_key_values if use_cache else None,
+            cache=cache,
             hidden_states=tuple(all_hidden) if output_hidden_states else None,
             router_logits=tuple(router_logits),
             expert_indices=tuple(expert_indices),
@@ -223,7 +227,7 @@ class UniMoeForCausalLM(UniMoePreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -238,7 +242,7 @@ class UniMoeForCausalLM(UniMoePreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=pop_cache(cache, kwargs),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
@@ -272,7 +276,7 @@ class UniMoeForCausalLM(UniMoePreTrainedModel, GenerationMixin):
         return UniMoeCausalLMOutput(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             lm_loss=lm_loss,
             aux_loss=aux_loss,
