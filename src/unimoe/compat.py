@@ -68,3 +68,10 @@ def model_output(cls: type) -> type:
     cls.__init__ = __init__
     cls.cache = property(lambda self: getattr(self, name))
     return cls
+
+
+def enable_activation_checkpointing(model: Any, checkpointing_kwargs: dict[str, Any] | None = None) -> None:
+    """Activation (gradient) checkpointing on a transformers model: ``activation_checkpointing_enable``
+    from 5.23 on, ``gradient_checkpointing_enable`` (deprecated since) before."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable(checkpointing_kwargs)

@@ -9,6 +9,7 @@ from transformers import (
 )
 
 from unimoe import UniMoeForCausalLM, UniMoeTextConfig
+from unimoe.compat import enable_activation_checkpointing
 from unimoe.modeling.conversion import convert_release_state_dict, load_release_language_model
 from unimoe.modeling.upcycling import extract_ffn_state_dict, upcycle_llama
 
@@ -185,8 +186,8 @@ def test_gradient_checkpointing_same_gradients():
         return {n: p.grad.clone() for n, p in moe.named_parameters() if p.grad is not None}
 
     plain = grads()
-    moe.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    assert moe.is_activation_checkpointing
+    enable_activation_checkpointing(moe, {"use_reentrant": False})
+    assert moe.model.gradient_checkpointing
     checkpointed = grads()
     assert plain.keys() == checkpointed.keys()
     for k in plain:

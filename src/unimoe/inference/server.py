@@ -190,7 +190,7 @@ class ChatService:
             raise ApiError(503, str(exc), "server_overloaded", "queue_full") from exc
         try:
             result = await asyncio.wait_for(asyncio.wrap_future(future), self.config.timeout)
-        except asyncio.TimeoutError as exc:
+        except TimeoutError as exc:
             future.cancel()
             raise ApiError(504, f"no answer within {self.config.timeout:g} s", "timeout", "timeout") from exc
         return JSONResponse(completion_body(result, self.engine.name))

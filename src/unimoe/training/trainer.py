@@ -31,6 +31,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from transformers import set_seed
 
+from ..compat import enable_activation_checkpointing
 from ..data.dataset import Collator, SupervisedDataset, TrainBatch
 from ..data.sampler import GroupedBatchSampler
 from ..processing.processor import UniMoeProcessor
@@ -169,7 +170,7 @@ class Trainer:
         t = self.recipe.train
         set_seed(t.seed + self.engine.rank)  # dropout and router noise differ per process
         if t.gradient_checkpointing:
-            unwrap_peft(self.model).activation_checkpointing_enable({"use_reentrant": False})
+            enable_activation_checkpointing(unwrap_peft(self.model), {"use_reentrant": False})
         self.module = StepModule(self.model)
         self.engine.setup(
             self.module,
