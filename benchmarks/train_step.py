@@ -103,8 +103,8 @@ class TrainStep:
         with self.autocast:
             loss = self.model(**self.batch).loss
             if self.release:
-                extra = self.model.image_embeddings(self.dummy_images).sum()
-                extra = extra + self.model.video_embeddings(self.dummy_videos).sum()
+                extra = self.model.model.image_embeddings(self.dummy_images).sum()
+                extra = extra + self.model.model.video_embeddings(self.dummy_videos).sum()
                 loss = loss + 0.0 * extra
         loss.backward()
         self.optimizer.step()

@@ -186,26 +186,35 @@ def get_config(name: str) -> UniMoeConfig:
     return PRESETS[name]()
 
 
-def build_tiny(seed: int = 0, **text_overrides):
-    """A random-initialised tiny ``UniMoeForConditionalGeneration`` and its ``UniMoeProcessor``."""
+def build_model(config: UniMoeConfig, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A random-initialised ``UniMoeForConditionalGeneration`` of ``config``: the one builder behind
+    ``build_tiny``, ``--model tiny`` and recipes with ``model.preset``.
+
+    The speech encoder gets variance-preserving weights. With the usual std 0.02, a random Whisper
+    encoder's output is almost all sinusoidal position embedding: two different spoken words differ by
+    well under 1% of its magnitude, so a frozen random encoder passes next to nothing on. Unit-gain
+    weights keep the audio in the features. (Pretrained encoders replace these weights anyway.)
+    """
     from .modeling.modeling_unimoe import UniMoeForConditionalGeneration
-    from .processing.processor import UniMoeProcessor
 
     torch.manual_seed(seed)
+    model = UniMoeForConditionalGeneration._from_config(config, dtype=dtype)
+    if hasattr(model.model, "speech_encoder"):
+        _variance_preserving_init(model.model.speech_encoder)
+    return model
+
+
+def build_tiny(seed: int = 0, **text_overrides):
+    """A random-initialised tiny ``UniMoeForConditionalGeneration`` and its ``UniMoeProcessor``."""
+    from .processing.processor import UniMoeProcessor
+
     config = tiny(**text_overrides)
-    model = UniMoeForConditionalGeneration(config).eval()
-    _variance_preserving_init(model.speech_encoder)
-    return model, UniMoeProcessor.for_config(config)
+    return build_model(config, seed).eval(), UniMoeProcessor.for_config(config)
 
 
 @torch.no_grad()
 def _variance_preserving_init(module: torch.nn.Module) -> None:
-    """He-normal weights for a random encoder's linear and conv layers.
-
-    With the usual std 0.02, a random Whisper encoder's output is almost all sinusoidal position
-    embedding: two different spoken words differ by well under 1% of its magnitude, so a frozen random
-    encoder passes next to nothing on. Unit-gain weights keep the audio in the features.
-    """
+    """He-normal weights for the linear and conv layers of ``module``."""
     for layer in module.modules():
         if isinstance(layer, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d)):
             fan_in = layer.weight[0].numel()

@@ -44,10 +44,10 @@ def test_token_counts_per_encoder(tiny, fixtures_dir):
     assert batch["speech_features"].shape[1:] == (80, 200)
     assert batch["audio_features"].shape[1:] == (198, 128)
     with torch.no_grad():
-        assert model.image_embeddings(batch["pixel_values"]).shape == (16, 64)
-        assert model.video_embeddings(batch["pixel_values_videos"]).shape == (16, 64)
-        assert model.speech_embeddings(batch["speech_features"]).shape == (8 * n_speech, 64)
-        audio = model.audio_embeddings(batch["audio_features"], batch["audio_padding_mask"])
+        assert model.model.image_embeddings(batch["pixel_values"]).shape == (16, 64)
+        assert model.model.video_embeddings(batch["pixel_values_videos"]).shape == (16, 64)
+        assert model.model.speech_embeddings(batch["speech_features"]).shape == (8 * n_speech, 64)
+        audio = model.model.audio_embeddings(batch["audio_features"], batch["audio_padding_mask"])
         assert audio.shape == (8 * batch["audio_features"].shape[0], 64)
 
 
@@ -75,9 +75,9 @@ def test_mixed_batch_forward_backward(tiny, fixtures_dir):
         model.eval()
     assert torch.isfinite(out.loss) and out.aux_loss > 0
     for name in ("image_projector", "speech_connector", "audio_connector"):
-        grads = [p.grad for p in getattr(model, name).parameters() if p.requires_grad]
+        grads = [p.grad for p in getattr(model.model, name).parameters() if p.requires_grad]
         assert grads and all(g is not None for g in grads), name
-    for encoder in model.encoders():
+    for encoder in model.model.encoders():
         assert all(not p.requires_grad and p.grad is None for p in encoder.parameters())
     model.zero_grad(set_to_none=True)
 
@@ -86,7 +86,8 @@ def test_text_only_batch_runs_no_encoder(tiny):
     model, proc = tiny
     calls = []
     hooks = [
-        m.register_forward_hook(lambda *a: calls.append(1)) for m in model.encoders() + model.connectors()
+        m.register_forward_hook(lambda *a: calls.append(1))
+        for m in model.model.encoders() + model.model.connectors()
     ]
     try:
         batch = proc([record("a", "Hello there."), record("b", "Two plus two?")])
@@ -154,7 +155,7 @@ def test_batched_generation_equals_alone_and_cache_equals_no_cache(tiny, fixture
 def test_decode_steps_do_not_reencode_media(tiny, fixtures_dir):
     model, proc = tiny
     calls = []
-    hook = model.vision_tower.register_forward_hook(lambda *a: calls.append(1))
+    hook = model.model.vision_tower.register_forward_hook(lambda *a: calls.append(1))
     try:
         inputs = proc.apply_chat_template(multimodal_messages(fixtures_dir)[0], add_generation_prompt=True)
         model.generate(**inputs, max_new_tokens=5, do_sample=False)
@@ -190,7 +191,7 @@ def test_tiny_speech_encoder_output_depends_on_the_audio(tiny):
     torch.manual_seed(1)
     a, b = torch.randn(2, 80, 200).unbind(0)
     with torch.no_grad():
-        out = model.speech_encoder(torch.stack([a, b])).last_hidden_state
+        out = model.model.speech_encoder(torch.stack([a, b])).last_hidden_state
     # the two inputs must differ by a sizeable fraction of the output, not only by round-off
     assert (out[0] - out[1]).abs().mean() > 0.05 * out.abs().mean()
 
@@ -199,28 +200,28 @@ def _release_keys(state: dict, qformer: bool) -> dict:
     """Our multimodal keys written the release's way (per-expert modules, mm_projector, mm_audio_aligner)."""
     out = {}
     for key, value in state.items():
-        if key.startswith(("vision_tower.", "speech_encoder.", "audio_encoder.")):
+        if key.startswith(("model.vision_tower.", "model.speech_encoder.", "model.audio_encoder.")):
             continue  # encoders come from their own checkpoints
         if ".mlp.experts." in key:
             prefix, proj = key.rsplit(".", 1)
             for i in range(value.shape[0]):
-                out[f"{prefix}.{i}.{proj}.weight".replace("language_model.", "", 1)] = value[i]
+                out[f"{prefix}.{i}.{proj}.weight".replace("model.language_model.", "model.", 1)] = value[i]
             continue
         for ours, theirs in (
-            ("language_model.lm_head.", "lm_head."),
-            ("language_model.model.", "model."),
-            ("image_projector.", "model.mm_projector."),
-            ("speech_connector.decoder.", "model.mm_audio_aligner.decoder.audio_decoder."),
-            ("speech_connector.query_tokens", "model.query_tokens"),
-            ("audio_connector.qformer.", "model.mm_audio_aligner.qformer.qformer."),
-            ("audio_connector.query_tokens", "mm_audio_aligner.query_tokens"),
+            ("lm_head.", "lm_head."),
+            ("model.language_model.", "model."),
+            ("model.image_projector.", "model.mm_projector."),
+            ("model.speech_connector.decoder.", "model.mm_audio_aligner.decoder.audio_decoder."),
+            ("model.speech_connector.query_tokens", "model.query_tokens"),
+            ("model.audio_connector.qformer.", "model.mm_audio_aligner.qformer.qformer."),
+            ("model.audio_connector.query_tokens", "mm_audio_aligner.query_tokens"),
             (
-                "speech_connector.projector." if not qformer else "audio_connector.projector.",
+                "model.speech_connector.projector." if not qformer else "model.audio_connector.projector.",
                 "model.mm_audio_aligner.projector.",
             ),
         ):
             if key.startswith(ours):
-                out["base_model.model." * key.startswith("image_") + theirs + key[len(ours) :]] = value
+                out["base_model.model." * key.startswith("model.image_") + theirs + key[len(ours) :]] = value
                 break
     return out
 
@@ -240,7 +241,7 @@ def test_release_multimodal_keys_load(fixtures_dir):
         state = {
             k: v
             for k, v in source.state_dict().items()
-            if not (variant == "audio" and k.startswith("speech_"))
+            if not (variant == "audio" and k.startswith("model.speech_"))
         }
         converted = convert_release_multimodal_state_dict(_release_keys(state, qformer=variant == "audio"))
         torch.manual_seed(1)
@@ -248,7 +249,7 @@ def test_release_multimodal_keys_load(fixtures_dir):
         encoders = {
             k: v
             for k, v in source.state_dict().items()
-            if k.startswith(("vision_tower.", "speech_encoder.", "audio_encoder."))
+            if k.startswith(("model.vision_tower.", "model.speech_encoder.", "model.audio_encoder."))
         }
         missing, unexpected = target.load_state_dict({**converted, **encoders}, strict=False)
         assert not unexpected, unexpected[:5]

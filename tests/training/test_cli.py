@@ -61,13 +61,13 @@ def test_upcycle_cli_options(pipeline: Pipeline, tmp_path: Path) -> None:
     text = model.config.text_config
     assert text.moe_layer_indices() == [1] and text.num_experts == 4 and text.num_experts_per_tok == 1
     assert text.router == "softmax_topk" and text.expert_lora_rank == 2
-    base = UniMoeForConditionalGeneration.from_pretrained(pipeline.stage1.final_dir).language_model
-    experts = model.language_model.model.layers[1].mlp.experts
+    base = UniMoeForConditionalGeneration.from_pretrained(pipeline.stage1.final_dir).text_model()
+    experts = model.model.language_model.layers[1].mlp.experts
     assert torch.equal(experts.up_proj[0], base.model.layers[1].mlp.up_proj.weight)
     assert torch.equal(experts.up_proj[1], experts.up_proj[2])
     assert torch.equal(experts.up_proj[3], load_file(speech)["model.layers.1.mlp.up_proj.weight"])
     assert torch.equal(
-        model.language_model.model.layers[0].mlp.up_proj.weight, base.model.layers[0].mlp.up_proj.weight
+        model.model.language_model.layers[0].mlp.up_proj.weight, base.model.layers[0].mlp.up_proj.weight
     )
     assert (experts.up_proj_lora_B == 0).all()
 
@@ -78,16 +78,16 @@ def test_config_preset_loads_pretrained_parts(tmp_path: Path) -> None:
     llm = LlamaForCausalLM(
         LlamaConfig(**{k: getattr(text, k) for k in LlamaConfig.__dataclass_fields__ if hasattr(text, k)})
     )
-    llm.load_state_dict(reference.language_model.state_dict())
+    llm.load_state_dict(reference.text_model().state_dict())
     llm.save_pretrained(tmp_path / "llm")
     processor.tokenizer.save_pretrained(tmp_path / "llm")
     clip = CLIPVisionModel(reference.config.vision_config)
-    clip.load_state_dict(reference.vision_tower.state_dict())
+    clip.load_state_dict(reference.model.vision_tower.state_dict())
     clip.save_pretrained(tmp_path / "clip")
     whisper = WhisperModel(reference.config.speech_config)
-    whisper.encoder.load_state_dict(reference.speech_encoder.state_dict())
+    whisper.encoder.load_state_dict(reference.model.speech_encoder.state_dict())
     whisper.save_pretrained(tmp_path / "whisper")
-    save_official_checkpoint(reference.audio_encoder, tmp_path / "beats.pt")
+    save_official_checkpoint(reference.model.audio_encoder, tmp_path / "beats.pt")
     spec = ModelSpec(
         config_preset="tiny",
         text_overrides={"moe_layers": "none"},
@@ -100,9 +100,10 @@ def test_config_preset_loads_pretrained_parts(tmp_path: Path) -> None:
     model, loaded_processor = load_model(spec)
     expected = reference.state_dict()
     for name, tensor in model.state_dict().items():
-        if name.startswith(("language_model.", "vision_tower.", "speech_encoder.", "audio_encoder.")):
+        parts = ("language_model.", "vision_tower.", "speech_encoder.", "audio_encoder.")
+        if name.startswith(tuple(f"model.{p}" for p in parts)) or name.startswith("lm_head."):
             assert torch.equal(tensor, expected[name]), name
-    decoder = model.speech_connector.decoder.state_dict()
+    decoder = model.model.speech_connector.decoder.state_dict()
     assert all(torch.equal(v, whisper.decoder.state_dict()[k]) for k, v in decoder.items())
     assert loaded_processor.placeholder_ids == processor.placeholder_ids
     assert isinstance(BEATsModel.from_official_checkpoint(tmp_path / "beats.pt"), BEATsModel)
@@ -132,6 +133,6 @@ def test_activation_checkpointing_gives_the_same_losses(pipeline: Pipeline, tmp_
         dataset = SupervisedDataset.from_file(pipeline.data, processor, tasks=["image_shape"])
         trainer = Trainer(recipe, Engine("none", "fp32"), module, processor, dataset)
         losses.append(trainer.fit().losses)
-        layers = model.language_model.model.layers
+        layers = model.model.language_model.layers
         assert all(layer.gradient_checkpointing == flag for layer in layers)
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-6, atol=0)

@@ -62,7 +62,7 @@ def test_pretraining_corpus_is_deterministic_and_captioned(corpus):
 
 def test_vision_pretraining_learns_and_writes_back(tiny, corpus):
     model, processor = tiny
-    tower = model.vision_tower
+    tower = model.model.vision_tower
     before = _state(tower)
     pixels = torch.stack([processor.featurize("image", im)[0] for im in corpus.images])
     clips = torch.stack([processor.featurize("video", list(c))[0] for c in corpus.clips])
@@ -83,7 +83,7 @@ def test_vision_pretraining_learns_and_writes_back(tiny, corpus):
 
 def test_speech_pretraining_learns_transcription(tiny, corpus):
     model, processor = tiny
-    encoder = model.speech_encoder
+    encoder = model.model.speech_encoder
     before = _state(encoder)
     features = torch.cat([processor.featurize("speech", clip)[0][:1] for clip in corpus.speech])
     losses = pretrain_speech(encoder, features, corpus.transcripts, steps=40, batch_size=8)
@@ -93,7 +93,7 @@ def test_speech_pretraining_learns_transcription(tiny, corpus):
 
 def test_audio_pretraining_learns_tags(tiny, corpus):
     model, processor = tiny
-    encoder = model.audio_encoder
+    encoder = model.model.audio_encoder
     before = _state(encoder)
     items = [processor.featurize("audio", clip) for clip in corpus.sounds]
     fbank = torch.cat([f[:1] for f, _, _ in items])
@@ -106,7 +106,7 @@ def test_audio_pretraining_learns_tags(tiny, corpus):
 def test_pretrain_encoders_runs_only_what_is_asked(corpus):
     torch.set_num_threads(1)
     model, processor = build_tiny(seed=1, moe_layers="none")
-    vision, speech = _state(model.vision_tower), _state(model.speech_encoder)
+    vision, speech = _state(model.model.vision_tower), _state(model.model.speech_encoder)
     losses = pretrain_encoders(model, processor, corpus, {"audio": 3, "vision": 0}, len(SOUNDS))
     assert set(losses) == {"audio"} and len(losses["audio"]) == 3
-    assert not _changed(vision, model.vision_tower) and not _changed(speech, model.speech_encoder)
+    assert not _changed(vision, model.model.vision_tower) and not _changed(speech, model.model.speech_encoder)

@@ -18,7 +18,13 @@ from unimoe.processing.processor import UniMoeProcessor
 from unimoe.training import RecipeError, load_recipe, train
 from unimoe.training.engine import Engine
 from unimoe.training.recipe import ModelSpec
-from unimoe.training.stages import configure_stage, load_model, merge_for_release, param_group, unwrap_peft
+from unimoe.training.stages import (
+    configure_stage,
+    load_model,
+    merge_for_release,
+    parameter_groups,
+    unwrap_peft,
+)
 from unimoe.training.trainer import Trainer
 
 
@@ -32,11 +38,12 @@ def _params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def _assert_frozen_and_trained(before: dict, module: torch.nn.Module, must_change: tuple[str, ...]) -> None:
     """Frozen parameters are bit-identical; trainable ones whose group is in ``must_change`` all moved."""
+    groups = parameter_groups(module)
     for name, p in module.named_parameters():
         same = torch.equal(before[name], p.detach())
         if not p.requires_grad:
             assert same, f"frozen parameter {name} changed"
-        elif param_group(name) in must_change:
+        elif groups[name] in must_change:
             assert not same, f"trainable parameter {name} did not change"
 
 
@@ -47,9 +54,9 @@ def test_stage1_trains_only_connectors(pipeline: Pipeline) -> None:
     final = UniMoeForConditionalGeneration.from_pretrained(pipeline.stage1.final_dir)
     start, end = initial.state_dict(), final.state_dict()
     for name, tensor in end.items():
-        if name.startswith("image_projector."):
+        if name.startswith("model.image_projector."):
             assert not torch.equal(start[name], tensor), f"{name} did not train"
-        elif not name.startswith(("speech_connector.", "audio_connector.")):
+        elif not name.startswith(("model.speech_connector.", "model.audio_connector.")):
             assert torch.equal(start[name], tensor), f"{name} changed in stage 1"
 
 
@@ -58,7 +65,7 @@ def test_stage2_writes_one_ffn_and_connector_file_per_expert(pipeline: Pipeline)
     names = ["image", "video", "speech", "audio"]
     assert [p.stem for p in result.expert_files] == names
     base = extract_ffn_state_dict(
-        UniMoeForConditionalGeneration.from_pretrained(pipeline.stage1.final_dir).language_model
+        UniMoeForConditionalGeneration.from_pretrained(pipeline.stage1.final_dir).text_model()
     )
     ffns = [load_file(str(p)) for p in result.expert_files]
     for ffn in ffns:
@@ -95,12 +102,13 @@ def test_stage2_freezes_attention_and_other_connectors(pipeline: Pipeline, tmp_p
     )
     model, processor = load_model(recipe.model)
     module = configure_stage(recipe, model, ["speech_connector"])
-    trainable = {param_group(n) for n, p in module.named_parameters() if p.requires_grad}
+    groups = parameter_groups(module)
+    trainable = {groups[n] for n, p in module.named_parameters() if p.requires_grad}
     assert trainable == {"ffn", "connectors"}
     assert all(
-        n.startswith("speech_connector.")
+        n.startswith("model.speech_connector.")
         for n, p in module.named_parameters()
-        if p.requires_grad and param_group(n) == "connectors"
+        if p.requires_grad and groups[n] == "connectors"
     )
     records = [r for r in load_records(pipeline.data) if r["task"] == "speech_word"]
     before = _params(module)
@@ -121,19 +129,25 @@ def test_upcycled_model_holds_the_stage2_experts(pipeline: Pipeline) -> None:
     assert text.num_experts == 4 and text.moe_layer_indices() == [0, 1]
     for slot, path in enumerate(pipeline.stage2.expert_files):
         ffn = load_file(str(path))
-        experts = model.language_model.model.layers[1].mlp.experts
+        experts = model.model.language_model.layers[1].mlp.experts
         assert torch.equal(experts.down_proj[slot], ffn["model.layers.1.mlp.down_proj.weight"])
     state, base_state = model.state_dict(), base.state_dict()
     for name, tensor in state.items():
         if name.startswith(
-            ("vision_tower.", "speech_encoder.", "audio_encoder.", "language_model.model.layers.0.self_attn")
+            (
+                "model.vision_tower.",
+                "model.speech_encoder.",
+                "model.audio_encoder.",
+                "model.language_model.layers.0.self_attn",
+            )
         ):
             assert torch.equal(tensor, base_state[name]), name
     image = [load_file(str(p)) for p in pipeline.stage2.connector_files[:2]]  # image and video experts
-    key = "image_projector.0.weight"
-    torch.testing.assert_close(state[key], (image[0][key] + image[1][key]) / 2)
+    key = "image_projector.0.weight"  # connector files hold the connectors' keys within UniMoeModel
+    torch.testing.assert_close(state[f"model.{key}"], (image[0][key] + image[1][key]) / 2)
     audio = load_file(str(pipeline.stage2.connector_files[3]))
-    assert torch.equal(state["audio_connector.projector.weight"], audio["audio_connector.projector.weight"])
+    key = "audio_connector.projector.weight"
+    assert torch.equal(state[f"model.{key}"], audio[key])
 
 
 def test_stage3_trains_and_writes_a_merged_checkpoint_that_generates(pipeline: Pipeline) -> None:
@@ -147,9 +161,10 @@ def test_stage3_trains_and_writes_a_merged_checkpoint_that_generates(pipeline: P
     assert not any("lora" in name for name in model.state_dict())
     base = UniMoeForConditionalGeneration.from_pretrained(pipeline.upcycled)
     for name, tensor in base.state_dict().items():
-        if name.startswith(("vision_tower.", "speech_encoder.", "audio_encoder.")) or "embed_tokens" in name:
+        encoders = ("model.vision_tower.", "model.speech_encoder.", "model.audio_encoder.")
+        if name.startswith(encoders) or "embed_tokens" in name:
             assert torch.equal(tensor, model.state_dict()[name]), name
-        if name.startswith("language_model.") and name.endswith(
+        if name.startswith("model.language_model.") and name.endswith(
             ("mlp.gate.weight", "self_attn.q_proj.weight")
         ):
             assert not torch.equal(tensor, model.state_dict()[name]), name
@@ -173,7 +188,8 @@ def test_stage3_frozen_parameters_and_lora_merge(pipeline: Pipeline, tmp_path: P
     from unimoe.training.run import _build
 
     module, processor = _build(recipe)
-    trainable = {param_group(n) for n, p in module.named_parameters() if p.requires_grad}
+    groups = parameter_groups(module)
+    trainable = {groups[n] for n, p in module.named_parameters() if p.requires_grad}
     assert trainable == {"connectors", "routers", "lora", "expert_lora"}
     dataset = SupervisedDataset.from_file(pipeline.data, processor, max_samples=4)
     before = _params(module)

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.parametrizations import weight_norm
 from transformers import PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 
@@ -89,22 +90,27 @@ def relative_position_buckets(length: int, num_buckets: int, max_distance: int) 
     return (offset > 0).long() * half + torch.where(distance < max_exact, distance, log_bucket)
 
 
-class BEATsPositionalConv(nn.Module):
-    """Grouped 1-D convolution with weight normalisation over the kernel axis (`weight_g`, `weight_v`)."""
+class BEATsPositionalConv(nn.Conv1d):
+    """Grouped 1-D convolution over time, weight-normalised over the kernel axis: torch's weight-norm
+    parametrization (``parametrizations.weight.original0`` / ``original1``, the official checkpoints'
+    ``weight_g`` / ``weight_v``)."""
 
     def __init__(self, dim: int, kernel_size: int, groups: int) -> None:
-        super().__init__()
-        self.kernel_size, self.groups = kernel_size, groups
-        self.weight_g = nn.Parameter(torch.ones(1, 1, kernel_size))
-        self.weight_v = nn.Parameter(torch.empty(dim, dim // groups, kernel_size))
-        self.bias = nn.Parameter(torch.zeros(dim))
+        super().__init__(dim, dim, kernel_size, padding=kernel_size // 2, groups=groups)
+        weight_norm(self, name="weight", dim=2)  # g: [1, 1, kernel]
+
+    @property
+    def weight_g(self) -> nn.Parameter:
+        return self.parametrizations.weight.original0
+
+    @property
+    def weight_v(self) -> nn.Parameter:
+        return self.parametrizations.weight.original1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [batch, dim, time]
-        norm = torch.linalg.vector_norm(self.weight_v, dim=(0, 1), keepdim=True)  # [1, 1, kernel]
-        weight = self.weight_v * (self.weight_g / norm)
-        out = F.conv1d(x, weight, self.bias, padding=self.kernel_size // 2, groups=self.groups)
-        return out[..., :-1] if self.kernel_size % 2 == 0 else out  # keep the input length
+        out = super().forward(x)
+        return out[..., :-1] if self.kernel_size[0] % 2 == 0 else out  # keep the input length
 
 
 class BEATsSelfAttention(nn.Module):
@@ -241,13 +247,14 @@ class BEATsPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        super()._init_weights(module)
-        if isinstance(module, BEATsPositionalConv):
-            std = math.sqrt(4.0 / (module.kernel_size * module.weight_v.shape[0]))
+        if isinstance(module, BEATsPositionalConv):  # its weight is computed from g and v
+            std = math.sqrt(4.0 / (module.kernel_size[0] * module.weight_v.shape[0]))
             init.normal_(module.weight_v, mean=0.0, std=std)
             init.copy_(module.weight_g, torch.linalg.vector_norm(module.weight_v, dim=(0, 1), keepdim=True))
             init.zeros_(module.bias)
-        elif isinstance(module, BEATsSelfAttention) and module.gru_rel_pos:
+            return
+        super()._init_weights(module)
+        if isinstance(module, BEATsSelfAttention) and module.gru_rel_pos:
             init.ones_(module.grep_a)
 
 
@@ -330,14 +337,18 @@ class BEATsModel(BEATsPreTrainedModel):
         return model.eval()
 
 
+# the official checkpoints' weight-norm spelling (torch.nn.utils.weight_norm) -> torch's parametrization
+_WEIGHT_NORM_KEYS = {
+    "weight_g": "parametrizations.weight.original0",
+    "weight_v": "parametrizations.weight.original1",
+}
+
+
 def _from_official_keys(state: Mapping[str, torch.Tensor], config: BEATsConfig) -> dict[str, torch.Tensor]:
     """Official BEATs state dict -> this module's: drop the head and the per-layer copies of the shared
     relative position table, and accept both weight-norm spellings (or a plain weight) of `pos_conv`."""
     prefix = "encoder.pos_conv.0."
-    renames = {
-        prefix + "parametrizations.weight.original0": prefix + "weight_g",
-        prefix + "parametrizations.weight.original1": prefix + "weight_v",
-    }
+    renames = {prefix + old: prefix + new for old, new in _WEIGHT_NORM_KEYS.items()}
     shared_copies = {
         f"encoder.layers.{i}.self_attn.relative_attention_bias.weight"
         for i in range(1, config.encoder_layers)
@@ -347,22 +358,29 @@ def _from_official_keys(state: Mapping[str, torch.Tensor], config: BEATsConfig) 
         for key, value in state.items()
         if not key.startswith("predictor.") and key not in shared_copies
     }
-    if prefix + "weight" in out and prefix + "weight_v" not in out:
-        out[prefix + "weight_v"] = out.pop(prefix + "weight")
-        out[prefix + "weight_g"] = torch.linalg.vector_norm(
-            out[prefix + "weight_v"], dim=(0, 1), keepdim=True
-        )
+    g, v = (prefix + _WEIGHT_NORM_KEYS[k] for k in ("weight_g", "weight_v"))
+    if prefix + "weight" in out and v not in out:
+        out[v] = out.pop(prefix + "weight")
+        out[g] = torch.linalg.vector_norm(out[v], dim=(0, 1), keepdim=True)
     return out
+
+
+def to_official_state_dict(model: BEATsModel) -> dict[str, torch.Tensor]:
+    """``model``'s weights under the official key names (``weight_g``/``weight_v``, and the shared relative
+    position table repeated in every layer)."""
+    official = {
+        f"encoder.pos_conv.0.{new}": f"encoder.pos_conv.0.{old}" for old, new in _WEIGHT_NORM_KEYS.items()
+    }
+    state = {official.get(k, k): v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    if model.config.relative_position_embedding:
+        table = state["encoder.layers.0.self_attn.relative_attention_bias.weight"]
+        for i in range(1, model.config.encoder_layers):
+            state[f"encoder.layers.{i}.self_attn.relative_attention_bias.weight"] = table.clone()
+    return state
 
 
 def save_official_checkpoint(model: BEATsModel, path: str | os.PathLike) -> None:
     """Write `model` in the official BEATs format: `torch.save({"cfg": {...}, "model": state_dict})`."""
-    config = model.config
-    state = {key: value.detach().cpu().clone() for key, value in model.state_dict().items()}
-    if config.relative_position_embedding:
-        table = state["encoder.layers.0.self_attn.relative_attention_bias.weight"]
-        for i in range(1, config.encoder_layers):
-            state[f"encoder.layers.{i}.self_attn.relative_attention_bias.weight"] = table.clone()
-    cfg = {name: getattr(config, name) for name in _OFFICIAL_CFG_FIELDS}
+    cfg = {name: getattr(model.config, name) for name in _OFFICIAL_CFG_FIELDS}
     cfg["finetuned_model"] = False
-    torch.save({"cfg": cfg, "model": state}, path)
+    torch.save({"cfg": cfg, "model": to_official_state_dict(model)}, path)

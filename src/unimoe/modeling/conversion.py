@@ -155,14 +155,14 @@ def release_text_config(release: dict, state: dict[str, torch.Tensor] | None = N
 
 # release multimodal key prefixes -> ours; first match wins (longest prefixes first)
 _MULTIMODAL_PREFIXES = (
-    ("model.mm_audio_aligner.decoder.audio_decoder.", "speech_connector.decoder."),
-    ("model.mm_audio_aligner.qformer.qformer.", "audio_connector.qformer."),
-    ("model.mm_audio_aligner.query_tokens", "audio_connector.query_tokens"),
-    ("mm_audio_aligner.query_tokens", "audio_connector.query_tokens"),
-    ("model.query_tokens", "speech_connector.query_tokens"),
-    ("model.mm_projector.", "image_projector."),
-    ("model.", "language_model.model."),
-    ("lm_head.", "language_model.lm_head."),
+    ("model.mm_audio_aligner.decoder.audio_decoder.", "model.speech_connector.decoder."),
+    ("model.mm_audio_aligner.qformer.qformer.", "model.audio_connector.qformer."),
+    ("model.mm_audio_aligner.query_tokens", "model.audio_connector.query_tokens"),
+    ("mm_audio_aligner.query_tokens", "model.audio_connector.query_tokens"),
+    ("model.query_tokens", "model.speech_connector.query_tokens"),
+    ("model.mm_projector.", "model.image_projector."),
+    ("model.", "model.language_model."),
+    ("lm_head.", "lm_head."),
 )
 
 
@@ -176,7 +176,7 @@ def convert_release_multimodal_state_dict(state_dict: dict[str, torch.Tensor]) -
     """
     lm = convert_release_state_dict(state_dict)
     has_qformer = any(".qformer.qformer." in k for k in lm)
-    aligner = "audio_connector.projector." if has_qformer else "speech_connector.projector."
+    aligner = "model.audio_connector.projector." if has_qformer else "model.speech_connector.projector."
     out: dict[str, torch.Tensor] = {}
     for key, tensor in lm.items():
         if key.startswith("model.mm_audio_aligner.projector."):

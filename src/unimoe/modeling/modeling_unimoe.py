@@ -15,7 +15,31 @@ from ..errors import UniMoeInputError
 from .beats import BEATsModel
 from .configuration_unimoe import MODALITIES, UniMoeConfig
 from .connectors import MlpProjector, QFormerConnector, WhisperQueryConnector
-from .modeling_unimoe_text import UniMoeCausalLMOutput, UniMoeForCausalLM
+from .modeling_unimoe_text import (
+    UniMoeCausalLMOutput,
+    UniMoeForCausalLM,
+    UniMoeModelOutput,
+    UniMoeTextModel,
+    causal_lm_output,
+)
+
+# Checkpoints saved before ``UniMoeModel`` existed held the language model as a whole causal LM at the top
+# level and the encoders and connectors beside it. transformers applies these renamings on load.
+LEGACY_KEY_RENAMES = (
+    (r"^language_model\.lm_head", "lm_head"),
+    (r"^language_model\.model", "model.language_model"),
+    *(
+        (rf"^{name}", f"model.{name}")
+        for name in (
+            "vision_tower",
+            "image_projector",
+            "speech_encoder",
+            "speech_connector",
+            "audio_encoder",
+            "audio_connector",
+        )
+    ),
+)
 
 MEDIA_INPUTS = (
     "pixel_values",
@@ -44,20 +68,18 @@ class UniMoePreTrainedModel(PreTrainedModel):
             init.normal_(module.query_tokens, std=self.config.text_config.initializer_range)
 
 
-class UniMoeForConditionalGeneration(UniMoePreTrainedModel, GenerationMixin):
-    """Text, images, video, speech and audio in; text out.
+class UniMoeModel(UniMoePreTrainedModel):
+    """The encoders, their connectors and the MoE decoder (``language_model``), without an LM head.
 
     Placeholder tokens in ``input_ids`` (one per feature vector, as the processor expands them) are
     replaced by the connector outputs of the media passed alongside, in order; the sequence then
-    runs through the MoE language model. Only the modalities present in a batch are encoded.
+    runs through the decoder. Only the modalities present in a batch are encoded.
     """
-
-    _tied_weights_keys = {"language_model.lm_head.weight": "language_model.model.embed_tokens.weight"}
 
     def __init__(self, config: UniMoeConfig):
         super().__init__(config)
         width = config.text_config.hidden_size
-        self.language_model = UniMoeForCausalLM(config.text_config)
+        self.language_model = UniMoeTextModel(config.text_config)
         if config.vision_config is not None:
             self.vision_tower = CLIPVisionModel(config.vision_config)
             self.image_projector = MlpProjector(config.vision_config.hidden_size, width)
@@ -87,10 +109,10 @@ class UniMoeForConditionalGeneration(UniMoePreTrainedModel, GenerationMixin):
         return [getattr(self, n) for n in names if hasattr(self, n)]
 
     def get_input_embeddings(self) -> nn.Embedding:
-        return self.language_model.get_input_embeddings()
+        return self.language_model.embed_tokens
 
     def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.language_model.set_input_embeddings(value)
+        self.language_model.embed_tokens = value
 
     def _encoder_context(self, encoder: nn.Module):
         frozen = not any(p.requires_grad for p in encoder.parameters())
@@ -195,17 +217,14 @@ class UniMoeForConditionalGeneration(UniMoePreTrainedModel, GenerationMixin):
         position_ids: torch.LongTensor | None = None,
         cache=None,
         inputs_embeds: torch.FloatTensor | None = None,
-        labels: torch.LongTensor | None = None,
         pixel_values: torch.FloatTensor | None = None,
         pixel_values_videos: torch.FloatTensor | None = None,
         speech_features: torch.FloatTensor | None = None,
         audio_features: torch.FloatTensor | None = None,
         audio_padding_mask: torch.BoolTensor | None = None,
         use_cache: bool | None = None,
-        output_router_logits: bool | None = None,
-        logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
-    ) -> UniMoeCausalLMOutput:
+    ) -> UniMoeModelOutput:
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("pass input_ids or inputs_embeds")
@@ -222,8 +241,85 @@ class UniMoeForConditionalGeneration(UniMoePreTrainedModel, GenerationMixin):
             attention_mask=attention_mask,
             position_ids=position_ids,
             cache=pop_cache(cache, kwargs),
-            labels=labels,
             use_cache=use_cache,
+            **kwargs,
+        )
+
+
+class UniMoeForConditionalGeneration(UniMoePreTrainedModel, GenerationMixin):
+    """Text, images, video, speech and audio in; text out: ``UniMoeModel`` (``.model``) and ``.lm_head``."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+
+    def __init__(self, config: UniMoeConfig):
+        super().__init__(config)
+        self.model = UniMoeModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def token_modalities(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None):
+        """Modality index per token (see ``UniMoeModel.token_modalities``)."""
+        return self.model.token_modalities(input_ids, attention_mask)
+
+    def text_model(self) -> UniMoeForCausalLM:
+        """The language model alone as a ``UniMoeForCausalLM`` sharing this model's decoder and LM head
+        (changes to one are changes to the other): for loading a LLaMA into it, upcycling, FFN export."""
+        return UniMoeForCausalLM.from_parts(self.model.language_model, self.lm_head)
+
+    def set_text_model(self, text_model: UniMoeForCausalLM) -> None:
+        """Replaces the decoder and LM head (e.g. by an upcycled MoE language model)."""
+        self.model.language_model = text_model.model
+        self.lm_head = text_model.lm_head
+        self.config.text_config = text_model.config
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache=None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        pixel_values_videos: torch.FloatTensor | None = None,
+        speech_features: torch.FloatTensor | None = None,
+        audio_features: torch.FloatTensor | None = None,
+        audio_padding_mask: torch.BoolTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_router_logits: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> UniMoeCausalLMOutput:
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=pop_cache(cache, kwargs),
+            inputs_embeds=inputs_embeds,
+            pixel_values=pixel_values,
+            pixel_values_videos=pixel_values_videos,
+            speech_features=speech_features,
+            audio_features=audio_features,
+            audio_padding_mask=audio_padding_mask,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            **kwargs,
+        )
+        return causal_lm_output(
+            self,
+            outputs,
+            labels=labels,
+            attention_mask=attention_mask,
             output_router_logits=output_router_logits,
             logits_to_keep=logits_to_keep,
             **kwargs,

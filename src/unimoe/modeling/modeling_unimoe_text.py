@@ -90,7 +90,7 @@ class UniMoeDecoderLayer(GradientCheckpointingLayer):
         return residual + hidden_states, router_logits, expert_indices
 
 
-class UniMoePreTrainedModel(PreTrainedModel):
+class UniMoeTextPreTrainedModel(PreTrainedModel):
     config_class = UniMoeTextConfig
     config: UniMoeTextConfig
     base_model_prefix = "model"
@@ -109,7 +109,7 @@ class UniMoePreTrainedModel(PreTrainedModel):
             module.reset_parameters(self.config.initializer_range)
 
 
-class UniMoeTextModel(UniMoePreTrainedModel):
+class UniMoeTextModel(UniMoeTextPreTrainedModel):
     """The decoder stack without the LM head."""
 
     def __init__(self, config: UniMoeTextConfig):
@@ -204,7 +204,66 @@ def moe_losses(
     return torch.as_tensor(aux), torch.as_tensor(z)
 
 
-class UniMoeForCausalLM(UniMoePreTrainedModel, GenerationMixin):
+def combine_losses(
+    lm_loss: torch.Tensor,
+    aux_loss: torch.Tensor | None,
+    z_loss: torch.Tensor | None,
+    aux_coef: float,
+    z_coef: float,
+    router_weight: float = 1.0,
+) -> torch.Tensor:
+    """The training objective: ``lm_loss + router_weight * (aux_coef * aux_loss + z_coef * z_loss)``.
+    ``aux_loss``/``z_loss`` are None for a dense model; ``router_weight`` scales the router terms of one
+    micro-batch within an accumulated step."""
+    loss = lm_loss
+    if aux_loss is not None:
+        loss = loss + router_weight * aux_coef * aux_loss.to(lm_loss.device)
+    if z_loss is not None and z_coef:
+        loss = loss + router_weight * z_coef * z_loss.to(lm_loss.device)
+    return loss
+
+
+def causal_lm_output(
+    model: PreTrainedModel,
+    outputs: UniMoeModelOutput,
+    labels: torch.LongTensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    output_router_logits: bool | None = None,
+    logits_to_keep: int | torch.Tensor = 0,
+    **kwargs,
+) -> UniMoeCausalLMOutput:
+    """LM head, losses and output of a causal LM (text-only or multimodal) over its decoder's output."""
+    config = model.config.get_text_config()
+    if output_router_logits is None:
+        output_router_logits = config.output_router_logits
+    hidden_states = outputs.last_hidden_state
+    keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+    logits = model.lm_head(hidden_states[:, keep, :])
+    loss = lm_loss = aux_loss = z_loss = None
+    if labels is not None:
+        lm_loss = model.loss_function(logits=logits, labels=labels, vocab_size=config.vocab_size, **kwargs)
+        token_mask = None
+        if attention_mask is not None and attention_mask.dim() == 2:
+            token_mask = attention_mask if attention_mask.shape[1] == hidden_states.shape[1] else None
+        if outputs.router_logits:
+            aux_loss, z_loss = moe_losses(outputs.router_logits, token_mask)
+        loss = combine_losses(
+            lm_loss, aux_loss, z_loss, config.router_aux_loss_coef, config.router_z_loss_coef
+        )
+    return UniMoeCausalLMOutput(
+        loss=loss,
+        logits=logits,
+        cache=outputs.cache,
+        hidden_states=outputs.hidden_states,
+        lm_loss=lm_loss,
+        aux_loss=aux_loss,
+        z_loss=z_loss,
+        router_logits=outputs.router_logits if output_router_logits else None,
+        expert_indices=outputs.expert_indices if output_router_logits else None,
+    )
+
+
+class UniMoeForCausalLM(UniMoeTextPreTrainedModel, GenerationMixin):
     """Uni-MoE language model with an LM head; a drop-in transformers causal LM."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
@@ -215,6 +274,15 @@ class UniMoeForCausalLM(UniMoePreTrainedModel, GenerationMixin):
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+
+    @classmethod
+    def from_parts(cls, model: UniMoeTextModel, lm_head: nn.Linear) -> UniMoeForCausalLM:
+        """A causal LM around an existing decoder and LM head (shared, not copied)."""
+        with torch.device("meta"):  # no weights allocated for the parts replaced below
+            causal_lm = cls(model.config)
+        causal_lm.model = model
+        causal_lm.lm_head = lm_head
+        return causal_lm
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
@@ -236,8 +304,6 @@ class UniMoeForCausalLM(UniMoePreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> UniMoeCausalLMOutput:
-        if output_router_logits is None:
-            output_router_logits = self.config.output_router_logits
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -248,41 +314,14 @@ class UniMoeForCausalLM(UniMoePreTrainedModel, GenerationMixin):
             output_hidden_states=output_hidden_states,
             **kwargs,
         )
-        hidden_states = outputs.last_hidden_state
-        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, keep, :])
-
-        loss = lm_loss = aux_loss = z_loss = None
-        if labels is not None:
-            lm_loss = self.loss_function(
-                logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs
-            )
-            seq_len = hidden_states.shape[1]
-            token_mask = None
-            if (
-                attention_mask is not None
-                and attention_mask.dim() == 2
-                and attention_mask.shape[1] == seq_len
-            ):
-                token_mask = attention_mask
-            aux_loss, z_loss = moe_losses(outputs.router_logits, token_mask)
-            loss = lm_loss
-            if outputs.router_logits:
-                aux_loss, z_loss = aux_loss.to(lm_loss.device), z_loss.to(lm_loss.device)
-                loss = lm_loss + self.config.router_aux_loss_coef * aux_loss
-                if self.config.router_z_loss_coef:
-                    loss = loss + self.config.router_z_loss_coef * z_loss
-
-        return UniMoeCausalLMOutput(
-            loss=loss,
-            logits=logits,
-            cache=outputs.cache,
-            hidden_states=outputs.hidden_states,
-            lm_loss=lm_loss,
-            aux_loss=aux_loss,
-            z_loss=z_loss,
-            router_logits=outputs.router_logits if output_router_logits else None,
-            expert_indices=outputs.expert_indices if output_router_logits else None,
+        return causal_lm_output(
+            self,
+            outputs,
+            labels=labels,
+            attention_mask=attention_mask,
+            output_router_logits=output_router_logits,
+            logits_to_keep=logits_to_keep,
+            **kwargs,
         )
 
     def merge_expert_lora(self) -> None:

@@ -159,6 +159,13 @@ class GroupedExperts(nn.Module):
         self.act_fn = nn.SiLU()
         self.reset_parameters(config.initializer_range)
 
+    def lora_parameters(self) -> list[nn.Parameter]:
+        """The in-expert LoRA factors (empty without LoRA)."""
+        if not self.lora_rank:
+            return []
+        names = ("gate_proj", "up_proj", "down_proj")
+        return [getattr(self, f"{name}_{half}") for name in names for half in ("lora_A", "lora_B")]
+
     def reset_parameters(self, std: float = 0.02) -> None:
         """Normal(0, std) expert weights; LoRA as PEFT initialises it."""
         for name in self.projections:

@@ -250,7 +250,7 @@ def pretrain_encoders(
         pixels = torch.stack([processor.featurize("image", image)[0] for image in corpus.images])
         clips = torch.stack([processor.featurize("video", list(clip))[0] for clip in corpus.clips])
         losses["vision"] = pretrain_vision(
-            model.vision_tower,
+            model.model.vision_tower,
             pixels,
             corpus.captions,
             processor.tokenizer,
@@ -262,14 +262,14 @@ def pretrain_encoders(
     if steps.get("speech"):  # clips are shorter than a chunk: the first chunk holds the word
         features = torch.cat([processor.featurize("speech", clip)[0][:1] for clip in corpus.speech])
         losses["speech"] = pretrain_speech(
-            model.speech_encoder, features, corpus.transcripts, steps["speech"], seed=seed
+            model.model.speech_encoder, features, corpus.transcripts, steps["speech"], seed=seed
         )
     if steps.get("audio"):
         items = [processor.featurize("audio", clip) for clip in corpus.sounds]
         fbank = torch.cat([fbank[:1] for fbank, _, _ in items])
         mask = torch.cat([mask[:1] for _, mask, _ in items])
         losses["audio"] = pretrain_audio(
-            model.audio_encoder,
+            model.model.audio_encoder,
             fbank,
             mask,
             corpus.sound_labels,

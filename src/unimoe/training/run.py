@@ -212,8 +212,8 @@ def _train_one_expert(recipe, engine, expert, records, media_root, total: TrainR
     if final is not None:
         ffn_file.parent.mkdir(parents=True, exist_ok=True)
         conn_file.parent.mkdir(parents=True, exist_ok=True)
-        save_file(_contiguous(extract_ffn_state_dict(final.language_model)), str(ffn_file))
-        state = {k: v for k, v in final.state_dict().items() if k.split(".", 1)[0] in connectors}
+        save_file(_contiguous(extract_ffn_state_dict(final.text_model())), str(ffn_file))
+        state = {k: v for k, v in final.model.state_dict().items() if k.split(".", 1)[0] in connectors}
         save_file(_contiguous(state), str(conn_file))
         keep = ("losses", "skipped", "steps", "wall_seconds", "lm_losses", "aux_losses", "skipped_examples")
         done_file.write_text(json.dumps({k: getattr(result, k) for k in keep}))

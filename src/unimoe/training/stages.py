@@ -18,11 +18,14 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from ..modeling.configuration_unimoe import UniMoeConfig
 from ..modeling.modeling_unimoe import UniMoeForConditionalGeneration
-from ..presets import get_config
+from ..modeling.moe import GroupedExperts, UniMoeSparseMoeBlock
+from ..presets import build_model, get_config
 from ..processing.processor import SETTINGS_FILE, UniMoeProcessor
 from .recipe import ModelSpec, Recipe, RecipeError, UnifiedSpec
 
@@ -47,41 +50,58 @@ CONNECTOR_OF = {
     "speech": "speech_connector",
     "audio": "audio_connector",
 }
-_ENCODERS = ("vision_tower.", "speech_encoder.", "audio_encoder.")
-_PEFT_PREFIX = "base_model.model."
 
 
-def param_group(name: str) -> str:
-    """The group of a parameter of ``UniMoeForConditionalGeneration`` (PEFT-wrapped or not)."""
-    name = name.removeprefix(_PEFT_PREFIX)
-    if name.startswith(_ENCODERS):
-        return "encoders"
-    if name.startswith("speech_connector.decoder.embed_tokens."):
-        return "unused"  # the query connector never reads token embeddings
-    if name.startswith(tuple(CONNECTOR_OF.values())):
-        return "connectors"
-    if ".experts." in name:
-        return "expert_lora" if "_lora_" in name else "experts"
-    if ".lora_A." in name or ".lora_B." in name:
-        return "lora"
-    if name.endswith(".mlp.gate.weight"):
-        return "routers"
-    if ".self_attn." in name:
-        return "attention"
-    if ".mlp." in name:
-        return "ffn"
-    if "embed_tokens" in name or "lm_head" in name:
-        return "embeddings"
-    if "norm" in name:
-        return "norms"
-    return "unused"
+def _subtree_groups(base: UniMoeForConditionalGeneration) -> dict[nn.Module, str]:
+    """Modules whose whole subtree belongs to one group, found by identity and type."""
+    mm = base.model
+    groups: dict[nn.Module, str] = {m: "encoders" for m in mm.encoders()}
+    groups.update({m: "connectors" for m in mm.connectors()})
+    if hasattr(mm, "speech_connector"):  # the query connector never reads token embeddings
+        groups[mm.speech_connector.decoder.embed_tokens] = "unused"
+    groups[mm.get_input_embeddings()] = groups[base.lm_head] = "embeddings"
+    for layer in mm.language_model.layers:
+        groups[layer.self_attn] = "attention"
+        groups[layer.mlp] = "ffn"
+        if isinstance(layer.mlp, UniMoeSparseMoeBlock):
+            groups[layer.mlp.gate] = "routers"
+    return groups
+
+
+def parameter_groups(model: nn.Module) -> dict[str, str]:
+    """``{parameter name: group}`` for a ``UniMoeForConditionalGeneration`` (PEFT-wrapped or not),
+    decided by module structure: the encoders and connectors the model lists, the decoder's attention,
+    FFN, router, norm and embedding modules, PEFT's adapter layers, the experts' LoRA factors."""
+    subtree = _subtree_groups(unwrap_peft(model))
+    out: dict[str, str] = {}
+
+    def visit(module: nn.Module, prefix: str, inherited: str) -> None:
+        group = subtree.get(module, inherited)
+        if isinstance(module, LlamaRMSNorm) and group == "unused":
+            group = "norms"
+        if isinstance(module, GroupedExperts):
+            lora = {id(p) for p in module.lora_parameters()}
+            for name, p in module.named_parameters(recurse=False):
+                out[prefix + name] = "expert_lora" if id(p) in lora else "experts"
+            return
+        adapters = (
+            set(getattr(module, "adapter_layer_names", ())) if isinstance(module, BaseTunerLayer) else set()
+        )
+        for name, _ in module.named_parameters(recurse=False):
+            out[prefix + name] = group
+        for name, child in module.named_children():
+            visit(child, f"{prefix}{name}.", "lora" if name in adapters else group)
+
+    visit(model, "", "unused")
+    return out
 
 
 def parameter_table(model: nn.Module) -> dict[str, tuple[int, int]]:
     """``{group: (trainable, total)}`` parameter counts, groups in ``GROUPS`` order (empty ones left out)."""
     counts = {g: [0, 0] for g in GROUPS}
+    groups = parameter_groups(model)
     for name, p in model.named_parameters():
-        entry = counts[param_group(name)]
+        entry = counts[groups[name]]
         entry[1] += p.numel()
         if p.requires_grad:
             entry[0] += p.numel()
@@ -128,18 +148,20 @@ def _load_pretrained_parts(
 
     if spec.llm_path:
         llm = LlamaForCausalLM.from_pretrained(spec.llm_path, dtype=dtype)
-        _load_part(model.language_model, llm.state_dict(), "model.llm_path", spec.llm_path)
+        _load_part(model.text_model(), llm.state_dict(), "model.llm_path", spec.llm_path)
     if spec.vision_path:
         clip = CLIPVisionModel.from_pretrained(spec.vision_path, dtype=dtype)
-        _load_part(model.vision_tower, clip.state_dict(), "model.vision_path", spec.vision_path)
+        _load_part(model.model.vision_tower, clip.state_dict(), "model.vision_path", spec.vision_path)
     if spec.speech_path:
         whisper = WhisperModel.from_pretrained(spec.speech_path, dtype=dtype)
-        _load_part(model.speech_encoder, whisper.encoder.state_dict(), "model.speech_path", spec.speech_path)
-        decoder = model.speech_connector.decoder  # the connector starts from Whisper's decoder
+        _load_part(
+            model.model.speech_encoder, whisper.encoder.state_dict(), "model.speech_path", spec.speech_path
+        )
+        decoder = model.model.speech_connector.decoder  # the connector starts from Whisper's decoder
         _load_part(decoder, whisper.decoder.state_dict(), "model.speech_path (decoder)", spec.speech_path)
     if spec.audio_path:
         beats = BEATsModel.from_official_checkpoint(spec.audio_path)
-        _load_part(model.audio_encoder, beats.state_dict(), "model.audio_path", spec.audio_path)
+        _load_part(model.model.audio_encoder, beats.state_dict(), "model.audio_path", spec.audio_path)
 
 
 def load_model(
@@ -166,13 +188,7 @@ def load_model(
         config = _apply_text_overrides(get_config(name), overrides)
     except KeyError as err:
         raise RecipeError(f"model: {err.args[0]}") from err
-    torch.manual_seed(spec.seed)
-    default_dtype = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        model = UniMoeForConditionalGeneration(config)
-    finally:
-        torch.set_default_dtype(default_dtype)
+    model = build_model(config, spec.seed, dtype)
     tokenizer = None
     tokenizer_path = spec.tokenizer_path or spec.llm_path
     if tokenizer_path:
@@ -184,7 +200,7 @@ def load_model(
         parts = {"llm_path": "language_model", "vision_path": "vision_tower", "speech_path": "speech_encoder"}
         parts["audio_path"] = "audio_encoder"
         for key, module in parts.items():
-            if hasattr(model, module) and not getattr(spec, key):
+            if hasattr(model.model, module) and not getattr(spec, key):
                 logger.warning("model.%s not given: %s keeps random weights", key, module)
     return model, UniMoeProcessor.for_config(config, tokenizer=tokenizer, max_length=spec.max_length)
 
@@ -197,19 +213,21 @@ def set_trainable(model: nn.Module, groups: Iterable[str], connectors: Iterable[
     """Trains exactly the parameters of ``groups``; with ``connectors`` (module names such as
     ``image_projector``) only those connectors among the ``connectors`` group."""
     groups = set(groups)
-    allowed = None if connectors is None else tuple(f"{c}." for c in connectors)
+    chosen = parameter_groups(model)
+    if connectors is not None:
+        mm = unwrap_peft(model).model
+        allowed = {id(p) for c in connectors for p in getattr(mm, c).parameters()}
     for name, p in model.named_parameters():
-        group = param_group(name)
-        on = group in groups
-        if on and group == "connectors" and allowed is not None:
-            on = name.removeprefix(_PEFT_PREFIX).startswith(allowed)
+        on = chosen[name] in groups
+        if on and chosen[name] == "connectors" and connectors is not None:
+            on = id(p) in allowed
         p.requires_grad_(on)
 
 
 def connector_modules(modalities: Iterable[str], model: UniMoeForConditionalGeneration) -> list[str]:
     """Connector module names serving ``modalities`` that ``model`` has."""
     names = {CONNECTOR_OF[m] for m in modalities if m in CONNECTOR_OF}
-    return sorted(n for n in names if hasattr(model, n))
+    return sorted(n for n in names if hasattr(model.model, n))
 
 
 def unified_text_overrides(model_spec: ModelSpec, unified: UnifiedSpec) -> dict:
@@ -228,7 +246,7 @@ def unified_text_overrides(model_spec: ModelSpec, unified: UnifiedSpec) -> dict:
 
 def _lora_target_regex(targets: list[str]) -> str:
     names = "|".join(sorted(set(targets)))
-    return rf"language_model\.model\.layers\.\d+\.(?:self_attn|mlp)\.(?:{names})"
+    return rf"model\.language_model\.layers\.\d+\.(?:self_attn|mlp)\.(?:{names})"
 
 
 def configure_unified(model: UniMoeForConditionalGeneration, unified: UnifiedSpec) -> nn.Module:
@@ -297,5 +315,5 @@ def unwrap_peft(module: nn.Module) -> UniMoeForConditionalGeneration:
 def merge_for_release(module: nn.Module) -> UniMoeForConditionalGeneration:
     """Folds PEFT LoRA and in-expert LoRA into the weights: a plain ``UniMoeForConditionalGeneration``."""
     model = module.merge_and_unload() if isinstance(module, PeftModel) else module
-    model.language_model.merge_expert_lora()
+    model.text_model().merge_expert_lora()
     return model

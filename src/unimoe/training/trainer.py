@@ -34,6 +34,7 @@ from transformers import set_seed
 from ..compat import enable_activation_checkpointing
 from ..data.dataset import Collator, SupervisedDataset, TrainBatch
 from ..data.sampler import GroupedBatchSampler
+from ..modeling.modeling_unimoe_text import combine_losses
 from ..processing.processor import UniMoeProcessor
 from .checkpoint import (
     STATE_FILE,
@@ -78,7 +79,7 @@ class StepModule(nn.Module):
         }
         probes = []
         for name, used in present.items():
-            module = getattr(base, name, None)
+            module = getattr(base.model, name, None)
             if module is not None and not used and any(p.requires_grad for p in module.parameters()):
                 probes.append((module, widths[name](module)))
         return probes
@@ -115,7 +116,7 @@ class TrainResult:
 
 def decoder_layers(module: nn.Module) -> list[nn.Module]:
     """The LLM's decoder layers (the FSDP2 sharding units)."""
-    return list(unwrap_peft(module).language_model.model.layers)
+    return list(unwrap_peft(module).model.language_model.layers)
 
 
 class Trainer:
@@ -238,7 +239,7 @@ class Trainer:
         started = time.perf_counter() - self.state["wall_seconds"]
         window = Throughput()
         self.module.train()
-        for encoder in unwrap_peft(self.model).encoders():
+        for encoder in unwrap_peft(self.model).model.encoders():
             if not any(p.requires_grad for p in encoder.parameters()):
                 encoder.eval()  # a frozen encoder's features carry no dropout or layer drop
         while self.state["step"] < self.total_steps:
@@ -292,12 +293,10 @@ class Trainer:
             with engine.sync_context(sync=i == accum - 1):
                 out, touch = engine.forward(num_items_in_batch=per_process_items, **inputs)
                 weight = 0.0 if batch.filler else 1.0 / accum
-                loss = out.lm_loss + touch
-                if out.router_logits:
-                    loss = loss + weight * self.aux_coef * out.aux_loss
-                    if self.z_coef:
-                        loss = loss + weight * self.z_coef * out.z_loss
-                engine.backward(loss)
+                loss = combine_losses(
+                    out.lm_loss, out.aux_loss, out.z_loss, self.aux_coef, self.z_coef, weight
+                )
+                engine.backward(loss + touch)
             sums[0] += out.lm_loss.detach().float()
             if out.router_logits:
                 sums[1] += weight * out.aux_loss.detach().float()

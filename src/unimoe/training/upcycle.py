@@ -79,9 +79,9 @@ def upcycle(
     model = UniMoeForConditionalGeneration.from_pretrained(base)
     if model.config.text_config.moe_layer_indices():
         raise ValueError(f"{base}: the base model already has MoE layers; upcycle starts from a dense model")
-    base_ffn = extract_ffn_state_dict(model.language_model)
+    base_ffn = extract_ffn_state_dict(model.text_model())
     language_model = upcycle_llama(
-        model.language_model,
+        model.text_model(),
         num_experts=len(experts),
         ffn_sources=[base_ffn if str(p) == BASE_FFN else Path(p) for p in experts],
         router=router,
@@ -90,11 +90,10 @@ def upcycle(
         expert_lora_rank=expert_lora_rank,
         **moe_options,
     )
-    model.language_model = language_model
-    model.config.text_config = language_model.config
+    model.set_text_model(language_model)
     if connectors:
         state = merge_connector_states([load_file(str(p)) for p in connectors], connector_merge)
-        result = model.load_state_dict(state, strict=False)
+        result = model.model.load_state_dict(state, strict=False)
         if result.unexpected_keys:
             raise ValueError(f"connector files hold weights the model lacks: {result.unexpected_keys[:5]}")
     sources = {"experts": [str(p) for p in experts], "connectors": [str(p) for p in connectors]}
