@@ -256,3 +256,42 @@ def test_release_multimodal_keys_load(fixtures_dir):
         assert not missing, missing[:5]
         for key, value in source.state_dict().items():
             assert torch.equal(target.state_dict()[key], value), key
+
+
+def _old_layout_key(key: str) -> str:
+    """Our key as checkpoints before ``UniMoeModel`` stored it: the language model a whole causal LM at
+    the top level, encoders and connectors beside it, BEATs' weight norm as ``weight_g``/``weight_v``."""
+    key = key.replace("parametrizations.weight.original0", "weight_g")
+    key = key.replace("parametrizations.weight.original1", "weight_v")
+    if key.startswith("lm_head."):
+        return "language_model." + key
+    if key.startswith("model.language_model."):
+        return "language_model.model." + key.removeprefix("model.language_model.")
+    return key.removeprefix("model.")
+
+
+def test_checkpoint_in_the_old_layout_loads(tiny, tmp_path):
+    from safetensors.torch import save_file
+
+    model, _ = tiny
+    state = model.state_dict()
+    old = {_old_layout_key(k): v.contiguous() for k, v in state.items()}
+    assert "language_model.model.layers.0.mlp.gate.weight" in old and "vision_tower.post_layernorm.bias" in old
+    model.config.save_pretrained(tmp_path)
+    save_file(old, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    loaded = UniMoeForConditionalGeneration.from_pretrained(tmp_path)
+    assert loaded.state_dict().keys() == state.keys()
+    for key, value in loaded.state_dict().items():
+        assert torch.equal(value, state[key]), key
+
+
+def test_layout_follows_transformers_v5():
+    from unimoe import UniMoeModel
+    from unimoe.modeling.modeling_unimoe_text import UniMoeTextModel
+    from unimoe.presets import tiny
+
+    model = UniMoeForConditionalGeneration(tiny())
+    assert isinstance(model.model, UniMoeModel) and isinstance(model.model.language_model, UniMoeTextModel)
+    assert model.get_output_embeddings() is model.lm_head
+    text = model.text_model()  # a causal-LM view sharing the weights
+    assert text.model is model.model.language_model and text.lm_head is model.lm_head

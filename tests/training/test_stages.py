@@ -251,3 +251,12 @@ def test_stage2_keeps_order_and_trains_a_repeated_expert_once(pipeline: Pipeline
     result = train(TINY / "stage2.yaml", [*overrides, *QUIET, f"experts={experts}", "train.max_steps=1"])
     assert [p.stem for p in result.expert_files] == ["image", "audio", "image"]
     assert result.steps == 2 and len(result.losses) == 2
+
+
+def test_preset_recipe_builds_the_same_model_as_build_tiny() -> None:
+    from unimoe.presets import build_tiny
+
+    from_recipe, _ = load_model(ModelSpec(preset="tiny", seed=3))
+    built, _ = build_tiny(seed=3)
+    for (name, a), b in zip(from_recipe.state_dict().items(), built.state_dict().values()):
+        assert torch.equal(a, b), name
