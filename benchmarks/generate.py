@@ -40,8 +40,9 @@ from common import (
 )
 
 from unimoe.inference import GenerationParams, UniMoeEngine
+from unimoe.modalities import media_input_keys
 from unimoe.modeling.configuration_unimoe import UniMoeConfig
-from unimoe.modeling.modeling_unimoe import MEDIA_INPUTS, UniMoeForConditionalGeneration
+from unimoe.modeling.modeling_unimoe import UniMoeForConditionalGeneration
 from unimoe.presets import tiny
 from unimoe.processing.processor import EncodedSample, UniMoeProcessor
 
@@ -95,7 +96,7 @@ def prompts(count: int, seed: int = 0) -> list[list[dict]]:
 def release_generate(engine: UniMoeEngine, sample: EncodedSample, new_tokens: int) -> list[int]:
     """Greedy decoding the release's way: no KV cache, full forward with the media at every step."""
     batch = engine.processor.collate([sample], padding_side="left")
-    media = {k: batch[k].to(engine.device) for k in MEDIA_INPUTS if k in batch}
+    media = {k: batch[k].to(engine.device) for k in media_input_keys() if k in batch}
     ids = batch["input_ids"].to(engine.device)  # [1, S]
     eos = engine.processor.tokenizer.eos_token_id
     for _ in range(new_tokens):

@@ -36,14 +36,13 @@ from .data.synth_media import SOUNDS
 from .evaluation.accuracy import evaluate
 from .evaluation.routing import plot_losses, plot_routing, routing_counts
 from .inference import GenerationParams, UniMoeEngine
-from .modeling.configuration_unimoe import MODALITIES
+from .modalities import media_names, placeholder_pattern, token_groups
 from .presets import build_tiny
-from .processing.conversation import PLACEHOLDER
 from .training import train, upcycle
 from .training.encoder_pretraining import OBJECTIVES, pretrain_encoders
 
 logger = logging.getLogger("unimoe.demo")
-PLACEHOLDER_LINE = re.compile(PLACEHOLDER.pattern + r"\n?")
+PLACEHOLDER_LINE = re.compile(placeholder_pattern().pattern + r"\n?")
 EXPERTS = (
     {"name": "image", "tasks": ["image_shape", "image_color"]},
     {"name": "video", "tasks": ["video_direction", "video_color"]},
@@ -299,7 +298,7 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
         "stages": {name: _stage_summary(r) for name, r in results.items()},
         "routing": {
             "layers": layers,
-            "modalities": list(MODALITIES),
+            "modalities": token_groups(),
             "experts": [e["name"] for e in EXPERTS],
             "token_slots": counts.tolist(),
         },
@@ -319,7 +318,7 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
         ):
             continue
         shown.add(record["task"])
-        media = {k: record[k] for k in ("image", "video", "speech", "audio") if k in record}
+        media = {k: record[k] for k in media_names() if k in record}
         question = record["conversations"][0]["value"].split("\n")[-1]
         print(f"  {media} {question!r} -> {prediction!r} (gold {record['conversations'][-1]['value']!r})")
     print(

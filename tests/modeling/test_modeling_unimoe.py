@@ -276,7 +276,9 @@ def test_checkpoint_in_the_old_layout_loads(tiny, tmp_path):
     model, _ = tiny
     state = model.state_dict()
     old = {_old_layout_key(k): v.contiguous() for k, v in state.items()}
-    assert "language_model.model.layers.0.mlp.gate.weight" in old and "vision_tower.post_layernorm.bias" in old
+    assert (
+        "language_model.model.layers.0.mlp.gate.weight" in old and "vision_tower.post_layernorm.bias" in old
+    )
     model.config.save_pretrained(tmp_path)
     save_file(old, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
     loaded = UniMoeForConditionalGeneration.from_pretrained(tmp_path)

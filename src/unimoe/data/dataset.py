@@ -19,12 +19,11 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import UniMoeInputError
-from ..processing.conversation import PLACEHOLDER
+from ..modalities import media, media_names, placeholder_pattern
+from ..processing.conversation import VOICE_KEY, record_media_keys
 from ..processing.processor import IGNORE_INDEX, EncodedSample, UniMoeProcessor
 
 logger = logging.getLogger(__name__)
-
-MEDIA_KEYS = ("image", "video", "speech", "audio", "voice")
 
 
 @dataclass
@@ -81,14 +80,14 @@ def load_records(path: str | Path) -> list[dict | MalformedRecord]:
 def record_modalities(
     record: Mapping[str, Any] | MalformedRecord, voice_modality: str = "speech"
 ) -> list[str]:
-    """The media kinds a record carries (``image``, ``video``, ``speech``, ``audio``), in that order;
-    ``["text"]`` for a text-only record. ``voice`` files count as ``voice_modality``."""
+    """The modalities a record carries, in ``unimoe.modalities`` order; ``["text"]`` for a text-only
+    record. ``voice`` files count as ``voice_modality``."""
     if isinstance(record, MalformedRecord):
         return ["text"]
-    present = {k for k in MEDIA_KEYS if record.get(k)}
-    if "voice" in present:
+    present = {k for k in record_media_keys() if record.get(k)}
+    if VOICE_KEY in present:
         present.add(voice_modality)
-    kinds = [m for m in ("image", "video", "speech", "audio") if m in present]
+    kinds = [m for m in media_names() if m in present]
     return kinds or ["text"]
 
 
@@ -102,7 +101,7 @@ def estimate_length(record: Mapping[str, Any] | MalformedRecord, tokens_per_medi
         if isinstance(turns, list)
         else ""
     )
-    media = sum(tokens_per_media.get(m.group(1), 0) for m in PLACEHOLDER.finditer(text))
+    media = sum(tokens_per_media.get(m.group(1), 0) for m in placeholder_pattern().finditer(text))
     return len(text) // 4 + media
 
 
@@ -163,12 +162,7 @@ class SupervisedDataset(Dataset):
     def lengths(self) -> list[int]:
         """Per record, ``estimate_length``."""
         s = self.processor.settings
-        per_media = {
-            "image": s.image_tokens,
-            "video": s.video_tokens,
-            "speech": s.speech_tokens_per_chunk,
-            "audio": s.audio_tokens_per_chunk,
-        }
+        per_media = {m.name: s.tokens(m.kind) for m in media()}
         return [estimate_length(r, per_media) for r in self.records]
 
     def __getitem__(self, index: int) -> EncodedSample | SkippedSample:

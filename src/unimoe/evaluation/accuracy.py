@@ -13,7 +13,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from typing import Any
 
-MEDIA_KEYS = ("image", "video", "speech", "audio", "voice")
+from ..processing.conversation import record_media_keys
 
 Answerer = Callable[[list[dict[str, Any]]], list[str]]
 
@@ -52,7 +52,7 @@ def swap_media(records: Sequence[dict[str, Any]], seed: int = 0) -> list[dict[st
         order = indices[:]
         rng.shuffle(order)
         for src, dst in zip(order[1:] + order[:1], order):
-            for key in MEDIA_KEYS:
+            for key in record_media_keys():
                 out[dst].pop(key, None)
                 if key in records[src]:
                     out[dst][key] = records[src][key]

@@ -8,23 +8,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..modeling.configuration_unimoe import MODALITIES
+from ..modalities import token_groups
 from ..modeling.moe import expert_token_counts
 
 
 @torch.no_grad()
 def routing_counts(model, batches: Iterable[dict[str, torch.Tensor]]) -> np.ndarray:
     """Token-slot counts ``[moe_layers, modalities, experts]`` over ``batches`` of model inputs
-    (padding excluded; modalities in ``MODALITIES`` order, text first)."""
+    (padding excluded; modalities in ``token_groups()`` order, text first)."""
     text_config = model.config.text_config
     num_experts = text_config.num_experts
-    total = np.zeros((len(text_config.moe_layer_indices()), len(MODALITIES), num_experts), dtype=np.int64)
+    total = np.zeros((len(text_config.moe_layer_indices()), len(token_groups()), num_experts), dtype=np.int64)
     for batch in batches:
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         out = model(**inputs, output_router_logits=True)
         groups = model.token_modalities(batch["input_ids"], batch.get("attention_mask")).reshape(-1)
         for layer, experts in enumerate(out.expert_indices):
-            counts = expert_token_counts(experts, num_experts, groups, len(MODALITIES))
+            counts = expert_token_counts(experts, num_experts, groups, len(token_groups()))
             total[layer] += counts.cpu().numpy()
     return total
 
@@ -50,7 +50,7 @@ def plot_routing(
         ax.set_title(f"MoE layer {layer_ids[i] if layer_ids else i}")
         names = expert_names or [f"E{e}" for e in range(counts.shape[2])]
         ax.set_xticks(range(counts.shape[2]), names, rotation=45 if expert_names else 0)
-        ax.set_yticks(range(len(present)), [MODALITIES[m] for m in present] if i == 0 else [])
+        ax.set_yticks(range(len(present)), [token_groups()[m] for m in present] if i == 0 else [])
         for (r, c), v in np.ndenumerate(shares[i]):
             ax.text(c, r, f"{v:.2f}", ha="center", va="center", color="w" if v < 0.6 else "k", fontsize=7)
     fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="share of the modality's token slots")

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import TextIO
 
 from ..errors import UniMoeInputError
+from ..modalities import media_names
 from .engine import GenerationParams, UniMoeEngine
 
-MEDIA_COMMANDS = ("image", "video", "speech", "audio")
 HELP = """Commands:
   /image PATH [text]   attach an image (also /video, /speech, /audio); with text, send at once
   /reset               start a new conversation
@@ -105,7 +105,7 @@ def _command(engine, session, line: str, params: GenerationParams, out: TextIO) 
         out.write("[conversation reset]\n")
     elif name == "help":
         out.write(HELP + "\n")
-    elif name in MEDIA_COMMANDS:
+    elif name in media_names():
         text = _attach(session, name, rest, out)
         if text:
             respond(engine, session, text, params, out)

@@ -6,10 +6,10 @@ from huggingface_hub.dataclasses import strict
 from transformers import Blip2QFormerConfig, CLIPVisionConfig, PreTrainedConfig, WhisperConfig
 from transformers.configuration_utils import SubConfigSpec
 
+from ..modalities import MODALITIES, media
 from .beats import BEATsConfig
 from .configuration_unimoe_text import UniMoeTextConfig
 
-MODALITIES = ("text", "image", "video", "speech", "audio")
 VIDEO_POOLINGS = ("mean", "concat")
 
 
@@ -79,29 +79,27 @@ class UniMoeConfig(PreTrainedConfig):
                 f"speech_config.max_source_positions ({self.speech_config.max_source_positions}) must be "
                 f"50 * chunk_seconds ({50 * self.chunk_seconds:g})"
             )
-        ids = [self.image_token_id, self.video_token_id, self.speech_token_id, self.audio_token_id]
-        if len(set(ids)) != 4:
+        ids = list(self.placeholder_ids().values())
+        if len(set(ids)) != len(ids):
             raise ValueError(f"placeholder token ids must differ, got {ids}")
 
     @property
     def modalities(self) -> list[str]:
-        """The media this model reads, besides text."""
-        present = {
-            "image": self.vision_config is not None,
-            "video": self.vision_config is not None,
-            "speech": self.speech_config is not None,
-            "audio": self.audio_config is not None,
-        }
-        return [m for m, ok in present.items() if ok]
+        """The media this model reads, besides text (those whose encoder config is set)."""
+        return [m.name for m in media() if getattr(self, m.config_key) is not None]
 
     def placeholder_ids(self) -> dict[str, int]:
         """Placeholder token id per modality."""
-        return {
-            "image": self.image_token_id,
-            "video": self.video_token_id,
-            "speech": self.speech_token_id,
-            "audio": self.audio_token_id,
-        }
+        return {m.name: getattr(self, m.token_id_key) for m in media()}
+
+    def num_tokens(self, modality: str) -> int:
+        """LLM tokens per item (image, video kinds) or per audio chunk (speech, audio kinds)."""
+        kind = MODALITIES[modality].kind
+        if kind == "image":
+            return self.image_num_tokens()
+        if kind == "video":
+            return self.video_num_tokens()
+        return self.speech_num_queries if kind == "speech" else self.audio_num_queries
 
     def image_num_tokens(self) -> int:
         """LLM tokens per image: one per CLIP patch."""

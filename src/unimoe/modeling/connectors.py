@@ -14,6 +14,11 @@ class MlpProjector(nn.Sequential):
     def __init__(self, in_dim: int, out_dim: int):
         super().__init__(nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
 
+    @property
+    def input_width(self) -> int:
+        """Width of the encoder features it reads."""
+        return self[0].in_features
+
 
 class WhisperQueryConnector(nn.Module):
     """A Whisper decoder run on learnable query embeddings, cross-attending to the Whisper encoder output,
@@ -25,6 +30,11 @@ class WhisperQueryConnector(nn.Module):
         self.decoder = WhisperDecoder(config)
         self.decoder.embed_tokens.requires_grad_(False)  # queries replace token embeddings: never used
         self.projector = nn.Linear(config.d_model, out_dim)
+
+    @property
+    def input_width(self) -> int:
+        """Width of the encoder features it reads."""
+        return self.decoder.config.d_model
 
     def forward(self, encoder_states: torch.Tensor) -> torch.Tensor:
         """``encoder_states``: ``[N, frames, d_model]`` -> ``[N, num_queries, out_dim]``."""
@@ -43,6 +53,11 @@ class QFormerConnector(nn.Module):
         self.query_tokens = nn.Parameter(torch.zeros(1, num_queries, config.hidden_size))
         self.qformer = Blip2QFormerModel(config)
         self.projector = nn.Linear(config.hidden_size, out_dim)
+
+    @property
+    def input_width(self) -> int:
+        """Width of the encoder features it reads."""
+        return self.qformer.config.encoder_hidden_size
 
     def forward(self, features: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """``features``: ``[N, T, enc_dim]``, ``padding_mask``: ``[N, T]`` (True = padding)

@@ -12,8 +12,9 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from ..compat import pop_cache
 from ..errors import UniMoeInputError
+from ..modalities import MODALITIES, connector_names, encoder_names, media, media_input_keys, token_groups
 from .beats import BEATsModel
-from .configuration_unimoe import MODALITIES, UniMoeConfig
+from .configuration_unimoe import UniMoeConfig
 from .connectors import MlpProjector, QFormerConnector, WhisperQueryConnector
 from .modeling_unimoe_text import (
     UniMoeCausalLMOutput,
@@ -28,25 +29,7 @@ from .modeling_unimoe_text import (
 LEGACY_KEY_RENAMES = (
     (r"^language_model\.lm_head", "lm_head"),
     (r"^language_model\.model", "model.language_model"),
-    *(
-        (rf"^{name}", f"model.{name}")
-        for name in (
-            "vision_tower",
-            "image_projector",
-            "speech_encoder",
-            "speech_connector",
-            "audio_encoder",
-            "audio_connector",
-        )
-    ),
-)
-
-MEDIA_INPUTS = (
-    "pixel_values",
-    "pixel_values_videos",
-    "speech_features",
-    "audio_features",
-    "audio_padding_mask",
+    *((rf"^{name}", f"model.{name}") for name in encoder_names() + connector_names()),
 )
 
 
@@ -100,13 +83,11 @@ class UniMoeModel(UniMoePreTrainedModel):
 
     def encoders(self) -> list[nn.Module]:
         """The media encoders this model has (CLIP, Whisper encoder, BEATs)."""
-        names = ("vision_tower", "speech_encoder", "audio_encoder")
-        return [getattr(self, n) for n in names if hasattr(self, n)]
+        return [getattr(self, n) for n in encoder_names() if hasattr(self, n)]
 
     def connectors(self) -> list[nn.Module]:
         """The trainable connectors this model has."""
-        names = ("image_projector", "speech_connector", "audio_connector")
-        return [getattr(self, n) for n in names if hasattr(self, n)]
+        return [getattr(self, n) for n in connector_names() if hasattr(self, n)]
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.language_model.embed_tokens
@@ -118,64 +99,69 @@ class UniMoeModel(UniMoePreTrainedModel):
         frozen = not any(p.requires_grad for p in encoder.parameters())
         return torch.no_grad() if frozen else contextlib.nullcontext()
 
-    def _require(self, name: str, modality: str) -> nn.Module:
-        if not hasattr(self, name):
+    def _parts(self, modality: str) -> tuple[nn.Module, nn.Module]:
+        """The encoder and connector of ``modality``."""
+        m = MODALITIES[modality]
+        if not hasattr(self, m.encoder):
             raise UniMoeInputError(f"{modality} input given, but this model has no {modality} encoder")
-        return getattr(self, name)
+        return getattr(self, m.encoder), getattr(self, m.connector)
 
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def encode_images(self, pixel_values: torch.Tensor, modality: str = "image") -> torch.Tensor:
         """``[N, 3, H, W]`` -> CLIP patch features of ``vision_feature_layer``, CLS dropped: ``[N, P, Dv]``."""
-        tower = self._require("vision_tower", "image")
+        tower, _ = self._parts(modality)
         with self._encoder_context(tower):
             out = tower(pixel_values.to(self.dtype), output_hidden_states=True)
             return out.hidden_states[self.config.vision_feature_layer][:, 1:]
 
-    def image_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def image_embeddings(self, pixel_values: torch.Tensor, modality: str = "image") -> torch.Tensor:
         """``[N, 3, H, W]`` -> ``[N * P, D]`` LLM inputs."""
-        return self.image_projector(self.encode_images(pixel_values)).flatten(0, 1)
+        _, projector = self._parts(modality)
+        return projector(self.encode_images(pixel_values, modality)).flatten(0, 1)
 
-    def video_embeddings(self, pixel_values_videos: torch.Tensor) -> torch.Tensor:
+    def video_embeddings(self, pixel_values_videos: torch.Tensor, modality: str = "video") -> torch.Tensor:
         """``[N, F, 3, H, W]`` -> ``[N * P, D]`` (frames mean-pooled) or ``[N * F * P, D]`` (concat)."""
+        _, projector = self._parts(modality)
         n, f = pixel_values_videos.shape[:2]
-        feats = self.encode_images(pixel_values_videos.flatten(0, 1))  # [N*F, P, Dv]
+        feats = self.encode_images(pixel_values_videos.flatten(0, 1), modality)  # [N*F, P, Dv]
         feats = feats.view(n, f, *feats.shape[1:])  # [N, F, P, Dv]
         feats = feats.mean(dim=1) if self.config.video_pooling == "mean" else feats.flatten(1, 2)
-        return self.image_projector(feats).flatten(0, 1)
+        return projector(feats).flatten(0, 1)
 
-    def speech_embeddings(self, speech_features: torch.Tensor) -> torch.Tensor:
+    def speech_embeddings(self, speech_features: torch.Tensor, modality: str = "speech") -> torch.Tensor:
         """Whisper log-mel chunks ``[C, 80, 3000]`` -> ``[C * Q, D]``."""
-        encoder = self._require("speech_encoder", "speech")
+        encoder, connector = self._parts(modality)
         with self._encoder_context(encoder):
             states = encoder(speech_features.to(self.dtype)).last_hidden_state  # [C, 1500, d]
-        return self.speech_connector(states).flatten(0, 1)
+        return connector(states).flatten(0, 1)
 
     def audio_embeddings(
-        self, audio_features: torch.Tensor, audio_padding_mask: torch.Tensor | None = None
+        self,
+        audio_features: torch.Tensor,
+        audio_padding_mask: torch.Tensor | None = None,
+        modality: str = "audio",
     ) -> torch.Tensor:
         """BEATs fbank chunks ``[C, T, 128]`` (+ padding mask ``[C, T]``) -> ``[C * Q, D]``."""
-        encoder = self._require("audio_encoder", "audio")
+        encoder, connector = self._parts(modality)
         with self._encoder_context(encoder):
             feats, mask = encoder(audio_features.to(self.dtype), audio_padding_mask)
-        return self.audio_connector(feats, mask).flatten(0, 1)
+        return connector(feats, mask).flatten(0, 1)
 
-    def media_embeddings(
-        self,
-        pixel_values: torch.Tensor | None = None,
-        pixel_values_videos: torch.Tensor | None = None,
-        speech_features: torch.Tensor | None = None,
-        audio_features: torch.Tensor | None = None,
-        audio_padding_mask: torch.Tensor | None = None,
-    ) -> dict[str, torch.Tensor]:
-        """Connector outputs ``[tokens, D]`` per modality, for the media given (nothing else is encoded)."""
+    def media_embeddings(self, **inputs: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """Connector outputs ``[tokens, D]`` per modality for the media inputs given (keyed by input name,
+        e.g. ``pixel_values``); nothing else is encoded."""
+        embed = {
+            "image": self.image_embeddings,
+            "video": self.video_embeddings,
+            "speech": self.speech_embeddings,
+            "audio": self.audio_embeddings,
+        }
         out = {}
-        if pixel_values is not None and pixel_values.numel():
-            out["image"] = self.image_embeddings(pixel_values)
-        if pixel_values_videos is not None and pixel_values_videos.numel():
-            out["video"] = self.video_embeddings(pixel_values_videos)
-        if speech_features is not None and speech_features.numel():
-            out["speech"] = self.speech_embeddings(speech_features)
-        if audio_features is not None and audio_features.numel():
-            out["audio"] = self.audio_embeddings(audio_features, audio_padding_mask)
+        for m in media():
+            features = inputs.get(m.input_key)
+            if features is None or not features.numel():
+                continue
+            masks = (inputs.get(m.mask_key),) if m.mask_key else ()
+            out[m.name] = embed[m.kind](features, *masks, modality=m.name)
         return out
 
     def embed_inputs(self, input_ids: torch.LongTensor, **media: torch.Tensor | None) -> torch.Tensor:
@@ -202,10 +188,11 @@ class UniMoeModel(UniMoePreTrainedModel):
         return embeds
 
     def token_modalities(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None):
-        """Modality index per token (``MODALITIES`` order: text 0, image 1, ...); -1 on padding."""
+        """Modality index per token (``token_groups()`` order: text 0, image 1, ...); -1 on padding."""
         groups = torch.zeros_like(input_ids)
+        names = token_groups()
         for modality, token_id in self.config.placeholder_ids().items():
-            groups[input_ids == token_id] = MODALITIES.index(modality)
+            groups[input_ids == token_id] = names.index(modality)
         if attention_mask is not None:
             groups[attention_mask == 0] = -1
         return groups
@@ -225,17 +212,18 @@ class UniMoeModel(UniMoePreTrainedModel):
         use_cache: bool | None = None,
         **kwargs,
     ) -> UniMoeModelOutput:
+        media_inputs = {
+            "pixel_values": pixel_values,
+            "pixel_values_videos": pixel_values_videos,
+            "speech_features": speech_features,
+            "audio_features": audio_features,
+            "audio_padding_mask": audio_padding_mask,
+        }
+        media_inputs.update({k: kwargs.pop(k) for k in media_input_keys() if k in kwargs})
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("pass input_ids or inputs_embeds")
-            inputs_embeds = self.embed_inputs(
-                input_ids,
-                pixel_values=pixel_values,
-                pixel_values_videos=pixel_values_videos,
-                speech_features=speech_features,
-                audio_features=audio_features,
-                audio_padding_mask=audio_padding_mask,
-            )
+            inputs_embeds = self.embed_inputs(input_ids, **media_inputs)
         return self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -328,6 +316,6 @@ class UniMoeForConditionalGeneration(UniMoePreTrainedModel, GenerationMixin):
     def prepare_inputs_for_generation(self, *args, is_first_iteration: bool | None = False, **kwargs):
         inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
         if not is_first_iteration and kwargs.get("use_cache", True):
-            for name in MEDIA_INPUTS:  # decode steps never re-enter the media path
+            for name in media_input_keys():  # decode steps never re-enter the media path
                 inputs.pop(name, None)
         return inputs

@@ -6,19 +6,18 @@ A turn is ``(role, parts)`` with role ``"user"`` or ``"assistant"`` and parts th
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from ..errors import UniMoeInputError
+from ..modalities import MODALITIES, media_names, placeholder_pattern
 
 SYSTEM_PROMPT = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
-MEDIA_TYPES = ("image", "video", "speech", "audio")
-PLACEHOLDER = re.compile(r"<(image|video|speech|audio)>")
+VOICE_KEY = "voice"  # the release's record key for audio files that feed <audio> or <speech> placeholders
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 Part = str | tuple[str, Any]
@@ -45,6 +44,11 @@ def render_template(turns: Sequence[Turn], system: str = SYSTEM_PROMPT, add_gene
         yield "ASSISTANT:", False
 
 
+def record_media_keys() -> list[str]:
+    """Record keys that hold media: one per modality, and the release's ``voice``."""
+    return [*media_names(), VOICE_KEY]
+
+
 def _role(raw: str, name: str) -> str:
     if raw not in _ROLES:
         raise UniMoeInputError(f"{name}: unknown role {raw!r} (expected one of {sorted(_ROLES)})")
@@ -54,7 +58,7 @@ def _role(raw: str, name: str) -> str:
 def _split_placeholders(text: str, take_media) -> list[Part]:
     parts: list[Part] = []
     pos = 0
-    for m in PLACEHOLDER.finditer(text):
+    for m in placeholder_pattern().finditer(text):
         if m.start() > pos:
             parts.append(text[pos : m.start()])
         parts.append(take_media(m.group(1)))
@@ -83,18 +87,18 @@ def _record_videos(value: Any) -> list:
 
 def record_turns(record: Mapping[str, Any], voice_modality: str = "speech") -> list[Turn]:
     """Turns of a record in the release's data format (``image``, ``video``, ``voice``, ``conversations``),
-    with our extension keys ``speech`` and ``audio``. ``voice`` files feed ``<audio>`` (or ``<speech>``)
-    placeholders in order and go to ``voice_modality``'s encoder."""
+    with a key per modality of ``unimoe.modalities`` (``speech``, ``audio``, ...). ``voice`` files feed
+    ``<audio>`` (or ``<speech>``) placeholders in order and go to ``voice_modality``'s encoder."""
     name = f"record {record.get('id', '?')!r}"
     if not isinstance(record.get("conversations"), list) or not record["conversations"]:
         raise UniMoeInputError(f"{name}: 'conversations' must be a non-empty list")
     queues: dict[str, Iterator] = {
-        "image": iter(_as_list(record.get("image"))),
-        "video": iter(_record_videos(record.get("video"))),
-        "speech": iter(_as_list(record.get("speech"))),
-        "audio": iter(_as_list(record.get("audio"))),
-        "voice": iter(_as_list(record.get("voice"))),
+        m.name: iter(
+            _record_videos(record.get(m.name)) if m.kind == "video" else _as_list(record.get(m.name))
+        )
+        for m in MODALITIES.values()
     }
+    queues[VOICE_KEY] = iter(_as_list(record.get(VOICE_KEY)))
 
     def take(modality: str) -> tuple[str, Any]:
         sources = [(modality, queues[modality])]
@@ -111,7 +115,7 @@ def record_turns(record: Mapping[str, Any], voice_modality: str = "speech") -> l
         if not isinstance(turn, Mapping) or not isinstance(turn.get("value"), str):
             raise UniMoeInputError(f"{name}: conversations[{i}] needs 'from' and a string 'value'")
         role = _role(turn.get("from", ""), name)
-        text = turn["value"] if role == "user" else PLACEHOLDER.sub("", turn["value"])
+        text = turn["value"] if role == "user" else placeholder_pattern().sub("", turn["value"])
         turns.append((role, _split_placeholders(text, take) if role == "user" else [text]))
     leftovers = [k for k, q in queues.items() if next(q, None) is not None]
     if leftovers:
@@ -142,7 +146,7 @@ def message_turns(messages: Sequence[Mapping[str, Any]]) -> tuple[list[Turn], st
             kind = part.get("type") if isinstance(part, Mapping) else None
             if kind == "text":
                 parts.append(part.get("text", ""))
-            elif kind in MEDIA_TYPES:
+            elif kind in media_names():
                 source = next((part[k] for k in (kind, "path", "url") if part.get(k) is not None), None)
                 if source is None:
                     raise UniMoeInputError(f"{name}.content[{j}]: {kind} part without '{kind}' or 'path'")

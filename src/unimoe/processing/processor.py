@@ -17,8 +17,9 @@ import torch
 from transformers import AutoTokenizer, BatchFeature, CLIPImageProcessorPil, WhisperFeatureExtractor
 
 from ..errors import UniMoeInputError
+from ..modalities import MODALITIES, media, media_names
 from .audio import beats_fbank, chunk_audio, default_whisper_feature_extractor, whisper_features
-from .conversation import MEDIA_TYPES, SYSTEM_PROMPT, Turn, message_turns, record_turns, render_template
+from .conversation import SYSTEM_PROMPT, Turn, message_turns, record_turns, render_template
 from .media import load_audio, load_image, load_video
 
 IGNORE_INDEX = -100
@@ -42,7 +43,16 @@ class ProcessorSettings:
     pad_to_square: bool = False
     max_length: int | None = 2048
     system_prompt: str = SYSTEM_PROMPT
-    modalities: list[str] = field(default_factory=lambda: list(MEDIA_TYPES))
+    modalities: list[str] = field(default_factory=media_names)
+
+    def tokens(self, kind: str) -> int:
+        """LLM tokens per item (image, video) or per audio chunk (speech, audio) of a modality kind."""
+        return {
+            "image": self.image_tokens,
+            "video": self.video_tokens,
+            "speech": self.speech_tokens_per_chunk,
+            "audio": self.audio_tokens_per_chunk,
+        }[kind]
 
 
 @dataclass
@@ -52,7 +62,7 @@ class EncodedSample:
     input_ids: list[int]
     labels: list[int]
     media: dict[str, list[torch.Tensor]]
-    audio_padding_mask: list[torch.Tensor]
+    masks: dict[str, list[torch.Tensor]]
     modality_tokens: dict[str, int]
 
 
@@ -71,9 +81,10 @@ class UniMoeProcessor:
         self.feature_extractor = feature_extractor or default_whisper_feature_extractor()
         self.settings = settings or ProcessorSettings()
         self.tokenizer.add_special_tokens(
-            {"additional_special_tokens": [f"<{m}>" for m in MEDIA_TYPES]}, replace_extra_special_tokens=False
+            {"additional_special_tokens": [m.placeholder for m in media()]},
+            replace_extra_special_tokens=False,
         )
-        self.placeholder_ids = {m: self.tokenizer.convert_tokens_to_ids(f"<{m}>") for m in MEDIA_TYPES}
+        self.placeholder_ids = {m.name: self.tokenizer.convert_tokens_to_ids(m.placeholder) for m in media()}
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.unk_token  # LLaMA: pad = unk = 0
 
@@ -150,24 +161,22 @@ class UniMoeProcessor:
         return self.image_processor(images, return_tensors="pt")["pixel_values"]
 
     def featurize(self, modality: str, source: Any) -> tuple[torch.Tensor, torch.Tensor | None, int]:
-        """Loads one media item: ``(features, audio padding mask or None, number of LLM tokens)``."""
+        """Loads one media item: ``(features, padding mask or None, number of LLM tokens)``, the way its
+        modality's kind is featurised (see ``unimoe.modalities``)."""
         s = self.settings
         if modality not in s.modalities:
             raise UniMoeInputError(f"{modality} input given, but this model reads only {s.modalities}")
-        if modality == "image":
-            return self._pixels([load_image(source)])[0], None, s.image_tokens
-        if modality == "video":
-            return self._pixels(load_video(source, s.video_frames)), None, s.video_tokens
+        kind = MODALITIES[modality].kind
+        if kind == "image":
+            return self._pixels([load_image(source)])[0], None, s.tokens(kind)
+        if kind == "video":
+            return self._pixels(load_video(source, s.video_frames)), None, s.tokens(kind)
         wave = load_audio(source, s.sampling_rate)
         chunks = chunk_audio(wave, s.sampling_rate, s.chunk_seconds, s.max_chunks)
-        if modality == "speech":
-            return (
-                whisper_features(chunks, self.feature_extractor),
-                None,
-                len(chunks) * s.speech_tokens_per_chunk,
-            )
+        if kind == "speech":
+            return whisper_features(chunks, self.feature_extractor), None, len(chunks) * s.tokens(kind)
         fbank, mask = beats_fbank(chunks, s.sampling_rate, s.chunk_seconds)
-        return fbank, mask, len(chunks) * s.audio_tokens_per_chunk
+        return fbank, mask, len(chunks) * s.tokens(kind)
 
     # encoding ----------------------------------------------------------------------------------
 
@@ -186,9 +195,9 @@ class UniMoeProcessor:
         """Tokenises turns, expanding media placeholders; labels keep only assistant answers."""
         ids = [self.tokenizer.bos_token_id]
         labels = [IGNORE_INDEX]
-        media: dict[str, list[torch.Tensor]] = {m: [] for m in MEDIA_TYPES}
-        audio_mask: list[torch.Tensor] = []
-        counts = {m: 0 for m in MEDIA_TYPES}
+        media: dict[str, list[torch.Tensor]] = {m: [] for m in MODALITIES}
+        masks: dict[str, list[torch.Tensor]] = {m: [] for m in MODALITIES}
+        counts = {m: 0 for m in MODALITIES}
         text = ""
         supervised_text = False
 
@@ -219,7 +228,7 @@ class UniMoeProcessor:
                     raise UniMoeInputError(f"{name}: {err}") from err
                 media[modality].append(feats)
                 if mask is not None:
-                    audio_mask.append(mask)
+                    masks[modality].append(mask)
                 ids.extend([self.placeholder_ids[modality]] * n)
                 labels.extend([IGNORE_INDEX] * n)
                 counts[modality] += n
@@ -229,7 +238,7 @@ class UniMoeProcessor:
             raise UniMoeInputError(
                 f"{name}: {len(ids)} tokens after media expansion exceed the limit of {limit}"
             )
-        return EncodedSample(ids, labels, media, audio_mask, counts)
+        return EncodedSample(ids, labels, media, masks, counts)
 
     def encode_record(self, record: dict, media_root: str | Path | None = None, **kw) -> EncodedSample:
         """Encodes a record in the release's data format (see ``record_turns``)."""
@@ -258,15 +267,13 @@ class UniMoeProcessor:
             labels[row, span] = torch.tensor(s.labels)
             mask[row, span] = 1
         batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-        names = {"image": "pixel_values", "video": "pixel_values_videos", "speech": "speech_features"}
-        for modality, key in names.items():
-            items = [t for s in samples for t in s.media[modality]]
-            if items:
-                batch[key] = torch.stack(items) if modality != "speech" else torch.cat(items)
-        audio = [t for s in samples for t in s.media["audio"]]
-        if audio:
-            batch["audio_features"] = torch.cat(audio)
-            batch["audio_padding_mask"] = torch.cat([m for s in samples for m in s.audio_padding_mask])
+        for m in media():
+            items = [t for s in samples for t in s.media[m.name]]
+            if not items:
+                continue
+            batch[m.input_key] = torch.cat(items) if m.chunked else torch.stack(items)  # chunks join on dim 0
+            if m.mask_key is not None:
+                batch[m.mask_key] = torch.cat([t for s in samples for t in s.masks[m.name]])
         return BatchFeature(batch)
 
     def __call__(

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..modeling.configuration_unimoe import MODALITIES
+from ..modalities import token_groups
 from ..modeling.moe import expert_token_counts
 
 
@@ -27,7 +27,7 @@ class RoutingStats:
     def __init__(self, layer_indices: list[int], num_experts: int):
         self.layer_indices = layer_indices
         self.num_experts = num_experts
-        self.counts = torch.zeros(len(layer_indices), len(MODALITIES), num_experts, dtype=torch.long)
+        self.counts = torch.zeros(len(layer_indices), len(token_groups()), num_experts, dtype=torch.long)
 
     @property
     def active(self) -> bool:
@@ -39,7 +39,7 @@ class RoutingStats:
         (modality index per token, -1 on padding)."""
         groups = modalities.reshape(-1)
         for i, chosen in enumerate(expert_indices):
-            counts = expert_token_counts(chosen.detach(), self.num_experts, groups, len(MODALITIES))
+            counts = expert_token_counts(chosen.detach(), self.num_experts, groups, len(token_groups()))
             self.counts[i] += counts.cpu()
 
     def reduce_and_reset(self, engine) -> dict[str, dict[str, list[int]]]:
@@ -47,7 +47,7 @@ class RoutingStats:
         total = engine.all_reduce_sum(self.counts.to(engine.device, copy=True)).cpu()
         self.counts.zero_()
         return {
-            f"layer_{layer}": {m: total[i, j].tolist() for j, m in enumerate(MODALITIES)}
+            f"layer_{layer}": {m: total[i, j].tolist() for j, m in enumerate(token_groups())}
             for i, layer in enumerate(self.layer_indices)
         }
 

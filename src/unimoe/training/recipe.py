@@ -17,12 +17,13 @@ from typing import Any
 
 import yaml
 
+from ..modalities import token_groups
+
 STAGES = ("language", "align", "experts", "unified")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DISTRIBUTED = ("auto", "none", "ddp", "fsdp2", "deepspeed")
 SCHEDULERS = ("cosine", "linear", "constant")
 EXPERT_TRAINING = ("lora", "full", "frozen")
-MEDIA_MODALITIES = ("image", "video", "speech", "audio", "text")
 
 
 class RecipeError(ValueError):
@@ -327,7 +328,7 @@ def _check_stage(r: Recipe) -> list[str]:
                 problems.append(f"experts[{i}]: needs a name")
             if not e.tasks and not e.modalities:
                 problems.append(f"experts[{i}] ({e.name}): give tasks and/or modalities to select its data")
-            bad = [m for m in [*e.modalities, *(e.connectors or [])] if m not in MEDIA_MODALITIES]
+            bad = [m for m in [*e.modalities, *(e.connectors or [])] if m not in token_groups()]
             if bad:
                 problems.append(f"experts[{i}] ({e.name}): unknown modalities {bad}")
             if e.name in seen and seen[e.name] != e:

@@ -22,6 +22,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
+from ..modalities import MODALITIES
 from ..modeling.configuration_unimoe import UniMoeConfig
 from ..modeling.modeling_unimoe import UniMoeForConditionalGeneration
 from ..modeling.moe import GroupedExperts, UniMoeSparseMoeBlock
@@ -44,12 +45,6 @@ GROUPS = (
     "lora",
     "unused",
 )
-CONNECTOR_OF = {
-    "image": "image_projector",
-    "video": "image_projector",
-    "speech": "speech_connector",
-    "audio": "audio_connector",
-}
 
 
 def _subtree_groups(base: UniMoeForConditionalGeneration) -> dict[nn.Module, str]:
@@ -226,7 +221,7 @@ def set_trainable(model: nn.Module, groups: Iterable[str], connectors: Iterable[
 
 def connector_modules(modalities: Iterable[str], model: UniMoeForConditionalGeneration) -> list[str]:
     """Connector module names serving ``modalities`` that ``model`` has."""
-    names = {CONNECTOR_OF[m] for m in modalities if m in CONNECTOR_OF}
+    names = {MODALITIES[m].connector for m in modalities if m in MODALITIES}
     return sorted(n for n in names if hasattr(model.model, n))
 
 

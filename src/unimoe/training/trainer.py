@@ -34,6 +34,7 @@ from transformers import set_seed
 from ..compat import enable_activation_checkpointing
 from ..data.dataset import Collator, SupervisedDataset, TrainBatch
 from ..data.sampler import GroupedBatchSampler
+from ..modalities import connector_names, media
 from ..modeling.modeling_unimoe_text import combine_losses
 from ..processing.processor import UniMoeProcessor
 from .checkpoint import (
@@ -64,33 +65,24 @@ class StepModule(nn.Module):
         super().__init__()
         self.model = model
 
-    def _connector_probes(self, inputs: dict[str, torch.Tensor]) -> list[tuple[nn.Module, int]]:
-        base = unwrap_peft(self.model)
-        config = base.config
-        present = {
-            "image_projector": any(k in inputs for k in ("pixel_values", "pixel_values_videos")),
-            "speech_connector": "speech_features" in inputs,
-            "audio_connector": "audio_features" in inputs,
-        }
-        widths = {
-            "image_projector": lambda m: m[0].in_features,
-            "speech_connector": lambda m: config.speech_config.d_model,
-            "audio_connector": lambda m: config.audio_qformer_config.encoder_hidden_size,
-        }
+    def _connector_probes(self, inputs: dict[str, torch.Tensor]) -> list[nn.Module]:
+        """Trainable connectors that no modality of this batch feeds."""
+        base = unwrap_peft(self.model).model
+        fed = {m.connector for m in media() if m.input_key in inputs}
         probes = []
-        for name, used in present.items():
-            module = getattr(base.model, name, None)
-            if module is not None and not used and any(p.requires_grad for p in module.parameters()):
-                probes.append((module, widths[name](module)))
+        for name in connector_names():
+            module = getattr(base, name, None)
+            if module is not None and name not in fed and any(p.requires_grad for p in module.parameters()):
+                probes.append(module)
         return probes
 
     def forward(self, num_items_in_batch: float, **inputs: torch.Tensor):
         """Returns ``(model output, zero-valued tensor tied to the otherwise unused connectors)``."""
         out = self.model(**inputs, output_router_logits=True, num_items_in_batch=num_items_in_batch)
         touch = out.lm_loss.new_zeros(())
-        for module, width in self._connector_probes(inputs):
+        for module in self._connector_probes(inputs):
             ref = next(module.parameters())
-            probe = torch.zeros(1, 1, width, dtype=ref.dtype, device=ref.device)  # [1, 1, in]
+            probe = torch.zeros(1, 1, module.input_width, dtype=ref.dtype, device=ref.device)  # [1, 1, in]
             touch = touch + module(probe).float().sum() * 0.0
         return out, touch
 
