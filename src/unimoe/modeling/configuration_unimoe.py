@@ -85,12 +85,14 @@ class UniMoeConfig(PreTrainedConfig):
 
     @property
     def modalities(self) -> list[str]:
-        """The media this model reads, besides text (those whose encoder config is set)."""
-        return [m.name for m in media() if getattr(self, m.config_key) is not None]
+        """The media this model reads, besides text: those with an encoder config and a placeholder id."""
+        ids = self.placeholder_ids()
+        return [m.name for m in media() if getattr(self, m.config_key) is not None and m.name in ids]
 
     def placeholder_ids(self) -> dict[str, int]:
-        """Placeholder token id per modality."""
-        return {m.name: getattr(self, m.token_id_key) for m in media()}
+        """Placeholder token id per modality (modalities this config gives no id are left out)."""
+        ids = {m.name: getattr(self, m.token_id_key, None) for m in media()}
+        return {name: token_id for name, token_id in ids.items() if token_id is not None}
 
     def num_tokens(self, modality: str) -> int:
         """LLM tokens per item (image, video kinds) or per audio chunk (speech, audio kinds)."""
