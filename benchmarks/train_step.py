@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from common import Case, environment, format_table, interleaved_times, select_device, select_dtype, write_json
 
-from unimoe.data.synth import synthesize
+from unimoe.demo.synth import synthesize
 from unimoe.modeling.configuration_unimoe import UniMoeConfig
 from unimoe.modeling.modeling_unimoe import UniMoeForConditionalGeneration
 from unimoe.presets import tiny

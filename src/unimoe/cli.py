@@ -15,7 +15,7 @@ from .cli_training import add_training_commands
 
 
 def _run_synth(args: argparse.Namespace) -> int:
-    from .data.synth import synthesize
+    from .demo.synth import synthesize
 
     tasks = args.tasks.split(",") if args.tasks else None
     summary = synthesize(

@@ -19,7 +19,7 @@ from unimoe.data.dataset import (
     record_modalities,
 )
 from unimoe.data.sampler import GroupedBatchSampler
-from unimoe.data.synth import synthesize
+from unimoe.demo.synth import synthesize
 from unimoe.presets import build_tiny
 from unimoe.processing.processor import IGNORE_INDEX, EncodedSample
 

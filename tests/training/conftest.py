@@ -13,7 +13,7 @@ import pytest
 import torch
 from training_helpers import OVERFIT, QUIET, TINY, Pipeline
 
-from unimoe.data.synth import synthesize
+from unimoe.demo.synth import synthesize
 from unimoe.training import train, upcycle
 
 

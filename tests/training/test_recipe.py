@@ -80,5 +80,6 @@ def test_every_shipped_recipe_loads(path: Path) -> None:
 
 
 def test_tiny_recipes_stage_settings() -> None:
-    stages = [load_recipe(TINY / f"stage{i}.yaml", ["data.train=x.json"]).stage for i in (1, 2, 3)]
-    assert stages == ["align", "experts", "unified"]
+    names = ["language", "stage1", "stage2", "stage3"]
+    stages = [load_recipe(TINY / f"{name}.yaml", ["data.train=x.json"]).stage for name in names]
+    assert stages == ["language", "align", "experts", "unified"]

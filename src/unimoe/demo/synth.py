@@ -57,7 +57,7 @@ from typing import Any
 
 import numpy as np
 
-from unimoe.data.synth_media import (
+from unimoe.demo.synth_media import (
     COLORS,
     DIRECTIONS,
     SHAPES,

@@ -34,8 +34,8 @@ from transformers import (
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from ..modeling.beats import BEATsModel
-from .optim import build_optimizer, build_scheduler
-from .recipe import OptimSpec
+from ..training.optim import build_optimizer, build_scheduler
+from ..training.recipe import OptimSpec
 
 logger = logging.getLogger(__name__)
 
@@ -240,7 +240,7 @@ def pretrain_encoders(
     model, processor, corpus, steps: dict[str, int], num_sound_classes: int, seed: int = 0
 ) -> dict[str, list[float]]:
     """Pre-trains the encoders of ``model`` that ``steps`` names (``vision``, ``speech``, ``audio``) on
-    ``corpus`` (a ``unimoe.data.synth.PretrainingCorpus``), featurised by ``processor``.
+    ``corpus`` (a ``unimoe.demo.synth.PretrainingCorpus``), featurised by ``processor``.
 
     Returns the loss curve per encoder. The encoders are left in eval mode; freezing them is the
     training stages' business.

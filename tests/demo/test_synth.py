@@ -13,8 +13,8 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
-from unimoe.data.synth import HELDOUT_SPEECH_VARIANTS, TASK_SPECS, TASKS, synthesize
-from unimoe.data.synth_media import (
+from unimoe.demo.synth import HELDOUT_SPEECH_VARIANTS, TASK_SPECS, TASKS, synthesize
+from unimoe.demo.synth_media import (
     DIRECTIONS,
     SAMPLE_RATE,
     SHAPES,

@@ -4,16 +4,16 @@ import numpy as np
 import pytest
 import torch
 
-from unimoe.data.synth import pretraining_corpus
-from unimoe.data.synth_media import SOUNDS
-from unimoe.presets import build_tiny
-from unimoe.training.encoder_pretraining import (
+from unimoe.demo.encoder_pretraining import (
     character_ids,
     pretrain_audio,
     pretrain_encoders,
     pretrain_speech,
     pretrain_vision,
 )
+from unimoe.demo.synth import pretraining_corpus
+from unimoe.demo.synth_media import SOUNDS
+from unimoe.presets import build_tiny
 
 
 @pytest.fixture(scope="module")
