@@ -1,8 +1,9 @@
 import numpy as np
 
-from unimoe.evaluation.accuracy import evaluate, normalise, prompt_only, score, swap_media
+from unimoe.evaluation.accuracy import evaluate, normalise, score, swap_media
 from unimoe.evaluation.routing import plot_losses, plot_routing, routing_counts
 from unimoe.presets import build_tiny
+from unimoe.processing.conversation import strip_answer
 
 
 def rec(i, task, answer, image):
@@ -46,7 +47,7 @@ def test_evaluate_uses_control_and_prompt_only():
     assert report["c"]["accuracy"] == 1.0
     assert report["c"]["control_accuracy"] < 1.0
     assert all(len(p["conversations"]) == 1 for p in seen[0])
-    assert prompt_only(records[0])["conversations"] == records[0]["conversations"][:1]
+    assert strip_answer(records[0])["conversations"] == records[0]["conversations"][:1]
 
 
 def test_routing_counts_match_token_totals(tmp_path, fixtures_dir):

@@ -71,7 +71,7 @@ def test_every_record_answered_and_bad_one_gets_an_error(engine: UniMoeEngine, t
     lines = {line["id"]: line for line in read_jsonl(out)}
     assert set(lines) == {r["id"] for r in records()} | {"line-9"}
     assert (summary.answered, summary.failed) == (7, 2)
-    assert "missing.jpg" in lines["broken"]["error"] and "not valid JSON" in lines["line-9"]["error"]
+    assert "missing.jpg" in lines["broken"]["error"] and "invalid JSON" in lines["line-9"]["error"]
     for key in ("img-0", "voice", "chat", "text"):
         assert set(lines[key]) == {"id", "text", "prompt_tokens", "completion_tokens", "finish_reason"}
     alone = engine.generate([records()[1]], PARAMS, media_root=FIXTURES)[0]

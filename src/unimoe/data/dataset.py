@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,28 @@ class MalformedRecord:
     reason: str
 
 
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict | MalformedRecord]]:
+    """``(line number, record)`` for each non-blank line of a JSONL file, streamed. A line that is not
+    valid JSON or not a JSON object comes back as a ``MalformedRecord`` naming the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UniMoeInputError(f"data file not found: {path}")
+    with open(path, encoding="utf-8") as file:
+        for number, line in enumerate(file, start=1):
+            if not line.strip():
+                continue
+            position = f"{path.name}:{number}"
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as err:
+                yield number, MalformedRecord(position, f"invalid JSON: {err}")
+                continue
+            if not isinstance(item, dict):
+                yield number, MalformedRecord(position, f"not a mapping: {type(item).__name__}")
+                continue
+            yield number, item
+
+
 @dataclass
 class SkippedSample:
     """What ``__getitem__`` returns for a sample that cannot be used."""
@@ -50,28 +72,19 @@ def load_records(path: str | Path) -> list[dict | MalformedRecord]:
     ``MalformedRecord``; a JSON file that does not parse raises ``UniMoeInputError``.
     """
     path = Path(path)
+    if path.suffix == ".jsonl":
+        return [item for _, item in iter_jsonl(path)]
     if not path.is_file():
         raise UniMoeInputError(f"data file not found: {path}")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
-        items: list[Any] = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                items.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                items.append(MalformedRecord(f"{path.name}:{number}", f"invalid JSON: {err}"))
-    else:
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise UniMoeInputError(f"{path}: invalid JSON: {err}") from err
-        if not isinstance(items, list):
-            raise UniMoeInputError(f"{path}: expected a JSON list of records")
+    try:
+        items = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise UniMoeInputError(f"{path}: invalid JSON: {err}") from err
+    if not isinstance(items, list):
+        raise UniMoeInputError(f"{path}: expected a JSON list of records")
     return [
         item
-        if isinstance(item, (dict, MalformedRecord))
+        if isinstance(item, dict)
         else MalformedRecord(f"{path.name}[{i}]", f"not a mapping: {type(item).__name__}")
         for i, item in enumerate(items)
     ]

@@ -13,7 +13,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ..processing.conversation import record_media_keys
+from ..processing.conversation import record_media_keys, strip_answer
 
 Answerer = Callable[[list[dict[str, Any]]], list[str]]
 
@@ -27,14 +27,6 @@ def normalise(text: str) -> str:
 def gold_answer(record: dict[str, Any]) -> str:
     """The last assistant turn of a record."""
     return [t["value"] for t in record["conversations"] if t["from"] in ("gpt", "assistant")][-1]
-
-
-def prompt_only(record: dict[str, Any]) -> dict[str, Any]:
-    """The record without its final assistant turn, ready for a generation prompt."""
-    turns = list(record["conversations"])
-    while turns and turns[-1]["from"] in ("gpt", "assistant"):
-        turns.pop()
-    return {**record, "conversations": turns}
 
 
 def swap_media(records: Sequence[dict[str, Any]], seed: int = 0) -> list[dict[str, Any]]:
@@ -81,7 +73,7 @@ def evaluate(records: Sequence[dict[str, Any]], answer: Answerer, control_seed: 
     Returns ``{task: {"accuracy", "chance", "control_accuracy", "n"}}`` and the raw predictions
     under the key ``"_predictions"``.
     """
-    prompts = [prompt_only(r) for r in records]
+    prompts = [strip_answer(r) for r in records]
     predictions = answer(prompts)
     control_predictions = answer(swap_media(prompts, control_seed))
     main = score(records, predictions)

@@ -18,6 +18,7 @@ from typing import Any, TextIO
 
 from tqdm import tqdm
 
+from ..data.dataset import MalformedRecord, iter_jsonl
 from ..errors import UniMoeInputError
 from ..processing.processor import EncodedSample
 from .engine import GenerationParams, Result, UniMoeEngine
@@ -38,22 +39,14 @@ class BatchSummary:
 
 
 def read_records(path: str | Path) -> Iterator[dict[str, Any]]:
-    """Records of a JSONL file; a line that is not a JSON object becomes ``{"id": "line-N",
-    "error": ...}``. Records without an id get ``line-N``."""
-    with open(path, encoding="utf-8") as file:
-        for number, line in enumerate(file, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                yield {"id": f"line-{number}", "error": f"line {number} is not valid JSON: {exc}"}
-                continue
-            if not isinstance(record, dict):
-                yield {"id": f"line-{number}", "error": f"line {number} is not a JSON object"}
-                continue
-            record.setdefault("id", f"line-{number}")
-            yield record
+    """Records of a JSONL file (``unimoe.data.dataset.iter_jsonl``); a line that is not a JSON object
+    becomes ``{"id": "line-N", "error": ...}``. Records without an id get ``line-N``."""
+    for number, item in iter_jsonl(path):
+        if isinstance(item, MalformedRecord):
+            yield {"id": f"line-{number}", "error": f"{item.position}: {item.reason}"}
+            continue
+        item.setdefault("id", f"line-{number}")
+        yield item
 
 
 def finished_ids(path: str | Path) -> set[str]:

@@ -19,6 +19,7 @@ import torch
 from transformers.generation.streamers import BaseStreamer
 
 from ..errors import UniMoeInputError
+from ..processing.conversation import strip_answer
 from ..processing.processor import EncodedSample, UniMoeProcessor
 from .decoding import RowSampler, RowStops, StreamDetokenizer, byte_token_ids, finish_text
 
@@ -85,22 +86,6 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def inference_record(record: Mapping[str, Any]) -> dict[str, Any]:
-    """A release-format record without its trailing assistant (``gpt``) turn, ready for a prompt."""
-    turns = list(record.get("conversations") or [])
-    if turns and isinstance(turns[-1], Mapping) and turns[-1].get("from") in ("gpt", "assistant"):
-        turns = turns[:-1]
-    return {**record, "conversations": turns}
-
-
-def inference_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Chat messages without a trailing assistant message."""
-    messages = list(messages)
-    if messages and isinstance(messages[-1], Mapping) and messages[-1].get("role") == "assistant":
-        messages = messages[:-1]
-    return messages
-
-
 class UniMoeEngine:
     """Batched, streamed text generation with a ``UniMoeForConditionalGeneration`` and its processor."""
 
@@ -142,11 +127,11 @@ class UniMoeEngine:
     def encode(self, conversation: Conversation, media_root: str | Path | None = None) -> EncodedSample:
         """Tokenises a prompt (chat messages or a release record) and featurises its media."""
         if isinstance(conversation, Mapping):
-            record = inference_record(conversation)
+            record = strip_answer(conversation)
             return self.processor.encode_record(record, media_root, add_generation_prompt=True)
         if not isinstance(conversation, list) or not conversation:
             raise UniMoeInputError("a conversation must be a non-empty list of messages or a record")
-        messages = inference_messages(conversation)
+        messages = strip_answer(conversation)
         return self.processor.encode_messages(messages, media_root=media_root, add_generation_prompt=True)
 
     def generate(

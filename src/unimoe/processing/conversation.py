@@ -44,6 +44,24 @@ def render_template(turns: Sequence[Turn], system: str = SYSTEM_PROMPT, add_gene
         yield "ASSISTANT:", False
 
 
+def _is_answer(turn: Any, key: str) -> bool:
+    return isinstance(turn, Mapping) and _ROLES.get(turn.get(key)) == "assistant"
+
+
+def strip_answer(conversation: Mapping[str, Any] | Sequence[Mapping[str, Any]]):
+    """The prompt part of a conversation: trailing assistant turns dropped, from a release-format record
+    (its ``conversations``, a copy of the record comes back) or from a list of chat messages."""
+    if isinstance(conversation, Mapping):
+        turns = list(conversation.get("conversations") or [])
+        while turns and _is_answer(turns[-1], "from"):
+            turns.pop()
+        return {**conversation, "conversations": turns}
+    messages = list(conversation)
+    while messages and _is_answer(messages[-1], "role"):
+        messages.pop()
+    return messages
+
+
 def record_media_keys() -> list[str]:
     """Record keys that hold media: one per modality, and the release's ``voice``."""
     return [*media_names(), VOICE_KEY]
