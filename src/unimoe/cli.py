@@ -11,7 +11,7 @@ import json
 import sys
 
 from .cli_inference import add_inference_commands
-from .cli_training import add_training_commands
+from .cli_training import add_training_commands, run_command
 
 
 def _run_synth(args: argparse.Namespace) -> int:
@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Runs ``unimoe`` with ``argv`` (default: the process arguments)."""
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    return run_command(args)
 
 
 if __name__ == "__main__":

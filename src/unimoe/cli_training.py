@@ -17,6 +17,8 @@ import logging
 import os
 import sys
 
+from .errors import EXIT_CONFIG_ERROR, EXIT_INPUT_ERROR, UniMoeConfigError, UniMoeInputError
+
 
 def _setup_logging() -> None:
     rank = int(os.environ.get("RANK", "0"))
@@ -27,15 +29,24 @@ def _setup_logging() -> None:
     )
 
 
+def run_command(args: argparse.Namespace) -> int:
+    """Runs a parsed command. A configuration error exits with 2 and unusable input data with 3, the
+    message logged; other failures propagate (exit 1 with a traceback)."""
+    try:
+        return int(args.func(args) or 0)
+    except UniMoeConfigError as err:
+        logging.getLogger("unimoe").error("configuration: %s", err)
+        return EXIT_CONFIG_ERROR
+    except UniMoeInputError as err:
+        logging.getLogger("unimoe").error("input data: %s", err)
+        return EXIT_INPUT_ERROR
+
+
 def _run_train(args: argparse.Namespace) -> int:
-    from .training import RecipeError, train
+    from .training import train
 
     _setup_logging()
-    try:
-        result = train(args.recipe, args.overrides)
-    except RecipeError as err:
-        logging.getLogger("unimoe").error("%s", err)
-        return 2
+    result = train(args.recipe, args.overrides)
     if int(os.environ.get("RANK", "0")) == 0:
         last = f"{result.losses[-1]:.4f}" if result.losses else "n/a"
         sys.stdout.write(
@@ -146,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="unimoe", description="Uni-MoE training commands")
     add_training_commands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
+    return run_command(args)
 
 
 if __name__ == "__main__":

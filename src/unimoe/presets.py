@@ -11,6 +11,7 @@ from collections.abc import Callable
 import torch
 
 from .modeling.configuration_unimoe import UniMoeConfig
+from .seeding import seed_everything
 
 LLAMA2_7B = dict(
     vocab_size=32000,
@@ -197,7 +198,7 @@ def build_model(config: UniMoeConfig, seed: int = 0, dtype: torch.dtype = torch.
     """
     from .modeling.modeling_unimoe import UniMoeForConditionalGeneration
 
-    torch.manual_seed(seed)
+    seed_everything(seed)
     model = UniMoeForConditionalGeneration._from_config(config, dtype=dtype)
     if hasattr(model.model, "speech_encoder"):
         _variance_preserving_init(model.model.speech_encoder)

@@ -51,6 +51,18 @@ def test_cli_refuses_an_inconsistent_recipe(tmp_path: Path, caplog) -> None:
     assert code == 2 and "non-empty 'experts' list" in caplog.text
 
 
+def test_cli_exit_code_tells_unusable_data_from_bad_configuration(tmp_path: Path, caplog) -> None:
+    broken = tmp_path / "broken.json"
+    broken.write_text("[{not json")
+    with caplog.at_level(logging.ERROR):
+        code = cli_main(["train", str(TINY / "stage1.yaml"), f"data.train={broken}", *QUIET])
+    assert code == 3 and "broken.json" in caplog.text and "input data" in caplog.text
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    args = ["train", str(TINY / "stage1.yaml"), f"data.train={empty}", f"train.output_dir={tmp_path / 'o'}"]
+    assert cli_main([*args, *QUIET]) == 3
+
+
 def test_upcycle_cli_options(pipeline: Pipeline, tmp_path: Path) -> None:
     image, speech = (str(p) for p in pipeline.stage2.expert_files[::2])
     args = ["upcycle", "--base", str(pipeline.stage1.final_dir), "--experts", "base", image, image, speech]

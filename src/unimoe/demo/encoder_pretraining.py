@@ -34,6 +34,7 @@ from transformers import (
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from ..modeling.beats import BEATsModel
+from ..seeding import seed_everything
 from ..training.optim import build_optimizer, build_scheduler
 from ..training.recipe import OptimSpec
 
@@ -123,7 +124,7 @@ def pretrain_vision(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id or 0,
     )
-    torch.manual_seed(seed)
+    seed_everything(seed)
     clip = CLIPModel(
         CLIPConfig(text_config=text, vision_config=vision.to_dict(), projection_dim=vision.projection_dim)
     )
@@ -192,7 +193,7 @@ def pretrain_speech(
     labels = torch.full((len(rows), max(map(len, rows))), -100, dtype=torch.long)
     for i, row in enumerate(rows):
         labels[i, : len(row)] = torch.tensor(row)
-    torch.manual_seed(seed)
+    seed_everything(seed)
     asr = WhisperForConditionalGeneration(config)
     asr.model.encoder.load_state_dict(encoder.state_dict())
     asr.train()
@@ -219,7 +220,7 @@ def pretrain_audio(
     seed: int = 0,
 ) -> list[float]:
     """BEATs tagging pre-training of ``encoder`` on fbank ``[N, T, 128]`` (padding mask ``[N, T]``)."""
-    torch.manual_seed(seed)
+    seed_everything(seed)
     tagger = copy.deepcopy(encoder).requires_grad_(True).train()
     head = nn.Linear(encoder.config.encoder_embed_dim, num_classes)
     target = torch.as_tensor(labels, dtype=torch.long)

@@ -30,13 +30,12 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..evaluation.accuracy import evaluate
 from ..evaluation.routing import plot_losses, plot_routing, routing_counts
 from ..inference import GenerationParams, UniMoeEngine
 from ..modalities import media_names, placeholder_pattern, token_groups
 from ..presets import build_tiny
+from ..seeding import seed_everything
 from ..training import train, upcycle
 from .encoder_pretraining import OBJECTIVES, pretrain_encoders
 from .synth import pretraining_corpus, synthesize
@@ -236,7 +235,7 @@ def _print_table(tasks: dict[str, dict]) -> None:
 def run_demo(settings: DemoSettings) -> dict[str, Any]:
     """Runs the whole demo and writes ``report.json``, ``routing.png`` and ``loss.png`` under ``out_dir``."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    torch.manual_seed(settings.seed)
+    seed_everything(settings.seed)
     start = time.time()
     out = Path(settings.out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,6 @@ import torch.distributed as dist
 from torch import nn
 
 from .recipe import RecipeError
-from .stages import unwrap_peft
 
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
@@ -135,14 +134,18 @@ class Engine:
         batch_size: int,
         grad_accum: int,
         max_grad_norm: float | None,
+        hidden_size: int,
     ) -> None:
         """Places and wraps ``module`` (``layers``: its decoder layers, the FSDP2 units) and builds the
-        optimizer over its trainable parameters and the scheduler."""
+        optimizer over its trainable parameters and the scheduler. ``hidden_size`` sizes DeepSpeed's
+        ``auto`` buckets."""
         self.module = module
         self.max_grad_norm = max_grad_norm
         module.to(self.device)
         if self.backend == "deepspeed":
-            self._setup_deepspeed(module, build_optimizer, build_scheduler, batch_size, grad_accum)
+            self._setup_deepspeed(
+                module, build_optimizer, build_scheduler, batch_size, grad_accum, hidden_size
+            )
             return
         if self.backend == "fsdp2":
             self._shard(module, layers)
@@ -166,10 +169,11 @@ class Engine:
             fully_shard(layer, mesh=mesh, mp_policy=policy)
         fully_shard(module, mesh=mesh, mp_policy=policy)
 
-    def _setup_deepspeed(self, module, build_optimizer, build_scheduler, batch_size, grad_accum) -> None:
+    def _setup_deepspeed(
+        self, module, build_optimizer, build_scheduler, batch_size, grad_accum, hidden: int
+    ) -> None:
         import deepspeed
 
-        hidden = unwrap_peft(module.model).config.text_config.hidden_size
         config = load_deepspeed_config(
             self.deepspeed_config,
             batch_size,

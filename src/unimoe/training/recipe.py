@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from ..errors import UniMoeConfigError
 from ..modalities import token_groups
 
 STAGES = ("language", "align", "experts", "unified")
@@ -26,7 +27,7 @@ SCHEDULERS = ("cosine", "linear", "constant")
 EXPERT_TRAINING = ("lora", "full", "frozen")
 
 
-class RecipeError(ValueError):
+class RecipeError(UniMoeConfigError):
     """An invalid or inconsistent recipe; the message names the keys at fault."""
 
 

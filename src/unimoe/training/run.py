@@ -86,7 +86,6 @@ def _jsonable(result: TrainResult) -> dict[str, Any]:
 def _build(recipe: Recipe, connectors: list[str] | None = None):
     """The stage's model (configured: frozen/trainable, PEFT-wrapped in stage 3) and processor."""
     extra = unified_text_overrides(recipe.model, recipe.unified) if recipe.stage == "unified" else None
-    torch.manual_seed(recipe.model.seed)  # new weights (LoRA, routers) are the same in every process
     model, processor = load_model(recipe.model, extra)
     module = configure_stage(recipe, model, connectors)
     return module, processor
@@ -194,7 +193,6 @@ def _train_one_expert(recipe, engine, expert, records, media_root, total: TrainR
         _merge_results(total, TrainResult(out, out, **json.loads(done_file.read_text())))
         logger.info("expert %s already trained, reusing %s", expert.name, ffn_file)
         return ffn_file, conn_file
-    torch.manual_seed(recipe.model.seed)
     model, processor = load_model(recipe.model)
     voice = processor.settings.voice_modality
     chosen = expert_records(records, expert, voice)

@@ -28,6 +28,7 @@ from ..modeling.modeling_unimoe import UniMoeForConditionalGeneration
 from ..modeling.moe import GroupedExperts, UniMoeSparseMoeBlock
 from ..presets import build_model, get_config
 from ..processing.processor import SETTINGS_FILE, UniMoeProcessor
+from ..seeding import seed_everything
 from .recipe import ModelSpec, Recipe, RecipeError, UnifiedSpec
 
 logger = logging.getLogger(__name__)
@@ -162,7 +163,11 @@ def _load_pretrained_parts(
 def load_model(
     spec: ModelSpec, extra_text_overrides: dict | None = None
 ) -> tuple[UniMoeForConditionalGeneration, UniMoeProcessor]:
-    """The model and processor ``spec`` names (preset, our checkpoint, or a shape plus pretrained parts)."""
+    """The model and processor ``spec`` names (preset, our checkpoint, or a shape plus pretrained parts).
+
+    ``spec.seed`` seeds every weight made here and afterwards (a preset's, those a checkpoint lacks such
+    as new in-expert LoRA, PEFT adapters), so that they are the same in every process and every run."""
+    seed_everything(spec.seed)
     dtype = getattr(torch, spec.dtype)
     overrides = {**spec.text_overrides, **(extra_text_overrides or {})}
     if spec.path:

@@ -29,14 +29,15 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from transformers import set_seed
 
 from ..compat import enable_activation_checkpointing
 from ..data.dataset import Collator, SupervisedDataset, TrainBatch
 from ..data.sampler import GroupedBatchSampler
+from ..errors import UniMoeInputError
 from ..modalities import connector_names, media
 from ..modeling.modeling_unimoe_text import combine_losses
 from ..processing.processor import UniMoeProcessor
+from ..seeding import seed_everything
 from .checkpoint import (
     STATE_FILE,
     atomic_checkpoint,
@@ -132,7 +133,7 @@ class Trainer:
         self.output_dir = Path(recipe.train.output_dir)
         self.ckpt_root = self.output_dir / "checkpoints" / (tag or "")
         if len(dataset) == 0:
-            raise RecipeError(
+            raise UniMoeInputError(
                 f"no training samples{f' for expert {tag!r}' if tag else ''} in {recipe.data.train}"
             )
         t = recipe.train
@@ -161,7 +162,7 @@ class Trainer:
 
     def _prepare(self) -> None:
         t = self.recipe.train
-        set_seed(t.seed + self.engine.rank)  # dropout and router noise differ per process
+        seed_everything(t.seed + self.engine.rank)  # dropout and router noise differ per process
         if t.gradient_checkpointing:
             enable_activation_checkpointing(unwrap_peft(self.model), {"use_reentrant": False})
         self.module = StepModule(self.model)
@@ -173,6 +174,7 @@ class Trainer:
             t.batch_size,
             t.grad_accum,
             self.recipe.optim.max_grad_norm,
+            unwrap_peft(self.model).config.text_config.hidden_size,
         )
 
     def _resume(self) -> int | None:
@@ -238,7 +240,10 @@ class Trainer:
             before = self.state["step"]
             if self._run_epoch(collator, metrics, window, started):
                 if self.state["step"] == before and self.state["position"] > 0:
-                    raise RecipeError(f"no usable sample in a whole epoch: {self.state['skipped']} skipped")
+                    raise UniMoeInputError(
+                        f"{self.recipe.data.train}: no usable sample in a whole epoch "
+                        f"({self.state['skipped']} skipped)"
+                    )
                 self.state["epoch"] += 1
                 self.state["position"] = 0
         metrics.close()
