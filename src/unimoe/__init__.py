@@ -16,6 +16,7 @@ from .modeling.conversion import (
 from .modeling.modeling_unimoe import LEGACY_KEY_RENAMES, UniMoeForConditionalGeneration, UniMoeModel
 from .modeling.modeling_unimoe_text import UniMoeForCausalLM, UniMoeTextModel
 from .modeling.upcycling import upcycle_llama
+from .release import convert_release
 
 AutoConfig.register(UniMoeTextConfig.model_type, UniMoeTextConfig)
 AutoModel.register(UniMoeTextConfig, UniMoeTextModel)
@@ -40,6 +41,7 @@ __all__ = [
     "UniMoeModel",
     "UniMoeTextConfig",
     "UniMoeTextModel",
+    "convert_release",
     "convert_release_multimodal_state_dict",
     "convert_release_state_dict",
     "load_release_language_model",

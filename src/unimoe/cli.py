@@ -1,6 +1,6 @@
 """The ``unimoe`` command: one entry point, a subcommand per job.
 
-``unimoe demo | train | upcycle | data {synth,check} | chat | generate | serve``; each subcommand is a
+``unimoe demo | convert | train | upcycle | data {synth,check} | chat | generate | serve``; each subcommand is a
 thin adapter over a package function.
 """
 
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 
 from .cli_inference import add_inference_commands
@@ -49,6 +50,35 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_convert(args: argparse.Namespace) -> int:
+    import torch
+
+    from .release import convert_release
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    dtype = None if args.dtype == "stored" else getattr(torch, args.dtype)
+    convert_release(
+        args.base, args.e2, clip=args.clip, whisper=args.whisper, beats=args.beats, out=args.out, dtype=dtype
+    )
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _add_convert_command(subparsers) -> None:
+    p = subparsers.add_parser(
+        "convert", help="released Uni-MoE checkpoint directories -> one standard model directory"
+    )
+    p.add_argument("--base", required=True, help="the release's *-base directory")
+    p.add_argument("--e2", required=True, help="the release's *-e2 (stage 3) directory")
+    p.add_argument("--clip", required=True, help="CLIP ViT-L/14-336 in transformers format")
+    branch = p.add_mutually_exclusive_group(required=True)
+    branch.add_argument("--whisper", help="Whisper-small in transformers format (speech variant)")
+    branch.add_argument("--beats", help="the official BEATs checkpoint file (audio variant)")
+    p.add_argument("--out", required=True, help="a new directory for the converted model")
+    p.add_argument("--dtype", default="stored", choices=["stored", "float32", "bfloat16", "float16"])
+    p.set_defaults(func=_run_convert)
+
+
 def _add_demo_command(subparsers) -> None:
     p = subparsers.add_parser("demo", help="train a small Uni-MoE through all three stages on synthetic data")
     p.add_argument("--out-dir", default="runs/demo")
@@ -62,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unimoe", description="Uni-MoE: unified multimodal MoE LLM")
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_demo_command(subparsers)
+    _add_convert_command(subparsers)
     data_subparsers = add_training_commands(subparsers)
     _add_synth_command(data_subparsers)
     add_inference_commands(subparsers)

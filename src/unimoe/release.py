@@ -1,0 +1,265 @@
+"""Running the released Uni-MoE checkpoints: their directories in, one standard model directory out.
+
+A release model is two directories. ``*-base`` holds the LLM with its experts and the connectors as
+sharded ``pytorch_model*.bin``; ``*-e2`` (stage 3) holds a PEFT LoRA adapter and the files written on
+top of the merged model. The release's loader builds the model from the e2 ``config.json`` and then
+loads, each overwriting the last:
+
+1. the base directory's weight shards;
+2. e2 ``non_lora_trainables.bin`` (keys ``base_model.model.model.*``: ``base_model.`` and ``model.``
+   stripped);
+3. the PEFT LoRA adapter, merged: ``W += (lora_alpha / r) * B @ A``;
+4. e2 ``mm_audio_aligner.bin``;
+5. e2 ``mlp_gates.bin`` (the routers, keys holding ``mlp.gate.``).
+
+The encoders come from their own files: CLIP and Whisper from transformers-format directories, BEATs
+from its official checkpoint. Paths written in the release's configs are never followed.
+
+This module covers the v1 layouts (4 experts on every layer: the speech variant with Whisper, the
+audio variant with BEATs and a Q-Former) and the interval (``dp``) variant with MoE on even layers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .errors import UniMoeConfigError, UniMoeInputError
+from .modeling.configuration_unimoe import UniMoeConfig
+from .modeling.conversion import convert_release_multimodal_state_dict, release_text_config
+from .modeling.modeling_unimoe import UniMoeForConditionalGeneration
+
+logger = logging.getLogger(__name__)
+
+RELEASE_FILES = ("non_lora_trainables.bin", "adapter_model.bin", "mm_audio_aligner.bin", "mlp_gates.bin")
+_LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.default)?\.weight$")
+
+
+def _load_bin(path: Path) -> dict[str, torch.Tensor]:
+    """A ``torch.save``d state dict, read without unpickling code."""
+    if not path.is_file():
+        raise UniMoeInputError(f"release file not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for a corrupt or foreign file
+        raise UniMoeInputError(f"cannot read {path}: {err}") from err
+    if not isinstance(state, dict):
+        raise UniMoeInputError(f"{path} does not hold a state dict")
+    return state
+
+
+def _base_shards(base: Path) -> list[Path]:
+    index = base / "pytorch_model.bin.index.json"
+    if index.is_file():
+        return [base / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    shards = sorted(base.glob("pytorch_model*.bin"))
+    if not shards:
+        raise UniMoeInputError(f"{base}: no pytorch_model*.bin shards (expected a release *-base directory)")
+    return shards
+
+
+def _strip_non_lora(key: str) -> str:
+    """The release's rule for ``non_lora_trainables.bin`` keys: drop ``base_model.``, then ``model.``."""
+    key = key.removeprefix("base_model.")
+    return key.removeprefix("model.")
+
+
+def _overwrite(state: dict[str, torch.Tensor], update: dict[str, torch.Tensor], source: Path) -> None:
+    for key, tensor in update.items():
+        if key in state and state[key].shape != tensor.shape:
+            raise UniMoeInputError(
+                f"{source}: {key} has shape {tuple(tensor.shape)}, the base has {tuple(state[key].shape)}"
+            )
+        state[key] = tensor
+
+
+def _merge_lora(state: dict[str, torch.Tensor], e2: Path) -> int:
+    """Merges the e2 PEFT adapter into ``state`` (release keys); returns the number of merged weights."""
+    config_file = e2 / "adapter_config.json"
+    if not config_file.is_file():
+        raise UniMoeInputError(f"release file not found: {config_file}")
+    config = json.loads(config_file.read_text())
+    scale = config["lora_alpha"] / config["r"]
+    halves: dict[str, dict[str, torch.Tensor]] = {}
+    adapter = e2 / "adapter_model.bin"
+    for key, tensor in _load_bin(adapter).items():
+        match = _LORA_KEY.match(key)
+        if match is None:
+            raise UniMoeInputError(f"{adapter}: {key} is not a LoRA weight")
+        halves.setdefault(match.group(1), {})[match.group(2)] = tensor
+    for module, pair in halves.items():
+        target = f"{module}.weight"
+        if set(pair) != {"A", "B"}:
+            raise UniMoeInputError(f"{adapter}: {module} has only lora_{''.join(pair)}")
+        if target not in state:
+            raise UniMoeInputError(f"{adapter}: LoRA for {target}, which the base model does not have")
+        weight = state[target]
+        delta = pair["B"].float() @ pair["A"].float()  # [out, r] @ [r, in]
+        if delta.shape != weight.shape:
+            raise UniMoeInputError(
+                f"{adapter}: LoRA for {target} is {tuple(delta.shape)}, the weight {tuple(weight.shape)}"
+            )
+        state[target] = (weight.float() + scale * delta).to(weight.dtype)
+    return len(halves)
+
+
+def load_release_state(base: str | Path, e2: str | Path) -> dict[str, torch.Tensor]:
+    """The release's language model and connectors as its loader assembles them (module docstring),
+    still under the release's key names."""
+    base, e2 = Path(base), Path(e2)
+    state: dict[str, torch.Tensor] = {}
+    for shard in _base_shards(base):
+        state.update(_load_bin(shard))
+    non_lora = e2 / "non_lora_trainables.bin"
+    _overwrite(state, {_strip_non_lora(k): v for k, v in _load_bin(non_lora).items()}, non_lora)
+    merged = _merge_lora(state, e2)
+    aligner = e2 / "mm_audio_aligner.bin"
+    if aligner.is_file():
+        _overwrite(state, _load_bin(aligner), aligner)
+    gates_file = e2 / "mlp_gates.bin"
+    gates = {
+        k.removeprefix("base_model.model."): v for k, v in _load_bin(gates_file).items() if "mlp.gate." in k
+    }
+    _overwrite(state, gates, gates_file)
+    logger.info("assembled %s + %s: %d tensors, %d LoRA weights merged", base, e2, len(state), merged)
+    return state
+
+
+def _qformer_config(state: dict[str, torch.Tensor]) -> dict:
+    """The audio Q-Former's shape, read off its weights; heads of BLIP-2's size 64 (as released: 12 at 768)."""
+    prefix = "model.audio_connector.qformer.encoder.layer."
+    layers = sorted({int(k[len(prefix) :].split(".")[0]) for k in state if k.startswith(prefix)})
+    cross = [i for i in layers if f"{prefix}{i}.crossattention.attention.key.weight" in state]
+    hidden = state["model.audio_connector.query_tokens"].shape[-1]
+    return dict(
+        hidden_size=hidden,
+        num_hidden_layers=len(layers),
+        num_attention_heads=max(1, hidden // 64),
+        intermediate_size=state[f"{prefix}0.intermediate_query.dense.weight"].shape[0],
+        cross_attention_frequency=cross[1] - cross[0] if len(cross) > 1 else 1,
+        encoder_hidden_size=state[f"{prefix}{cross[0]}.crossattention.attention.key.weight"].shape[1],
+    )
+
+
+def _build_config(
+    release: dict, state: dict[str, torch.Tensor], clip: Path, whisper: Path | None, beats_cfg
+) -> UniMoeConfig:
+    from transformers import CLIPVisionConfig, WhisperConfig
+
+    prefix = "model.language_model."
+    lm = {"model." + k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}  # a view
+    text = release_text_config(release, lm)
+    kwargs: dict = dict(
+        text_config=text.to_dict(), vision_config=CLIPVisionConfig.from_pretrained(clip).to_dict()
+    )
+    if whisper is not None:
+        speech = WhisperConfig.from_pretrained(whisper)
+        kwargs["speech_config"] = speech.to_dict()
+        kwargs["speech_num_queries"] = state["model.speech_connector.query_tokens"].shape[1]
+        kwargs["chunk_seconds"] = speech.max_source_positions / 50  # 1500 encoder frames per 30 s
+    else:
+        kwargs["audio_config"] = beats_cfg.to_dict()
+        kwargs["audio_qformer_config"] = _qformer_config(state)
+        kwargs["audio_num_queries"] = state["model.audio_connector.query_tokens"].shape[1]
+    vocab = text.vocab_size
+    ids = dict(
+        image_token_id=vocab, video_token_id=vocab + 1, speech_token_id=vocab + 2, audio_token_id=vocab + 3
+    )
+    select = release.get("mm_vision_select_layer", -2)
+    return UniMoeConfig(**kwargs, **ids, vision_feature_layer=select)
+
+
+def convert_release(
+    base: str | Path,
+    e2: str | Path,
+    *,
+    clip: str | Path,
+    whisper: str | Path | None = None,
+    beats: str | Path | None = None,
+    out: str | Path | None = None,
+    dtype: torch.dtype | None = None,
+):
+    """The released model in ``base`` + ``e2`` as a ``UniMoeForConditionalGeneration`` and its processor.
+
+    ``clip``: a transformers CLIP vision directory; ``whisper`` (speech variant) a transformers Whisper
+    directory, or ``beats`` (audio variant) the official BEATs checkpoint. ``dtype``: the model's
+    dtype (default: as stored). With ``out``, writes a standard model directory there, atomically.
+    """
+    from transformers import AutoTokenizer, CLIPVisionModel, WhisperModel
+
+    from .modeling.beats import BEATsModel
+    from .processing.processor import UniMoeProcessor
+
+    if (whisper is None) == (beats is None):
+        raise UniMoeConfigError("give exactly one of whisper (speech variant) and beats (audio variant)")
+    base, e2, clip = Path(base), Path(e2), Path(clip)
+    for folder in (base, e2, clip, *([Path(whisper)] if whisper else [])):
+        if not folder.is_dir():
+            raise UniMoeInputError(f"directory not found: {folder}")
+    config_file = e2 / "config.json"
+    if not config_file.is_file():
+        raise UniMoeInputError(f"release file not found: {config_file}")
+    release = json.loads(config_file.read_text())
+    state = convert_release_multimodal_state_dict(load_release_state(base, e2))
+    beats_model = BEATsModel.from_official_checkpoint(beats) if beats else None
+    config = _build_config(
+        release, state, clip, Path(whisper) if whisper else None, beats_model and beats_model.config
+    )
+    stored = next(iter(state.values())).dtype
+    model = UniMoeForConditionalGeneration(config)
+    encoders = {"model.vision_tower.": CLIPVisionModel.from_pretrained(clip).state_dict()}
+    if whisper:
+        encoders["model.speech_encoder."] = WhisperModel.from_pretrained(whisper).encoder.state_dict()
+    else:
+        encoders["model.audio_encoder."] = beats_model.state_dict()
+    for prefix, part in encoders.items():
+        state.update({prefix + k: v for k, v in part.items()})
+    _check_fits(model, state, base, e2)
+    model.load_state_dict(state)
+    model = model.to(dtype or stored).eval()
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    processor = UniMoeProcessor.for_config(config, tokenizer=tokenizer)
+    processor.settings.pad_to_square = release.get("image_aspect_ratio") == "pad"
+    if out is not None:
+        save_atomically(model, processor, Path(out))
+    return model, processor
+
+
+def _check_fits(model, state: dict[str, torch.Tensor], base: Path, e2: Path) -> None:
+    own = model.state_dict()
+    unused = "model.speech_connector.decoder.embed_tokens.weight"  # the query connector reads no tokens
+    if unused in own and unused not in state:
+        state[unused] = torch.zeros(own[unused].shape, dtype=own[unused].dtype)
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = [k for k in own if k in state and own[k].shape != state[k].shape]
+    if missing or unexpected or wrong:
+        details = "; ".join(
+            f"{what}: {keys[:5]}"
+            for what, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+            if keys
+        )
+        raise UniMoeInputError(f"{base} + {e2} do not make a Uni-MoE model ({details})")
+
+
+def save_atomically(model, processor, out: Path) -> None:
+    """Writes model and processor to a temporary sibling of ``out``, then renames it into place: a
+    failed write leaves no half-written model at ``out``."""
+    if out.exists():
+        raise UniMoeConfigError(f"{out} exists; choose a new output directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

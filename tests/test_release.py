@@ -1,0 +1,237 @@
+"""Converting tiny checkpoints written in the release's layouts (v1 speech, v1 audio, interval MoE).
+
+Each test writes a ``*-base`` and a ``*-e2`` directory the way the release stores them, every e2 file
+changing what it covers (a LoRA adapter with non-zero B, new connector and router weights), and checks
+the converted model against one assembled by hand from our own keys, step by step in the release's
+loading order.
+"""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoTokenizer, CLIPVisionModel, WhisperModel
+
+from unimoe import UniMoeForConditionalGeneration, UniMoeInputError
+from unimoe.modeling.beats import save_official_checkpoint
+from unimoe.presets import tiny
+from unimoe.processing.processor import TINY_TOKENIZER
+from unimoe.release import convert_release
+
+LORA_R, LORA_ALPHA = 4, 8
+LORA_TARGETS = ("self_attn.q_proj", "self_attn.v_proj", "mlp.experts.1.up_proj", "mlp.down_proj")
+
+
+def release_key(key: str, qformer: bool) -> str | None:
+    """Our key (one expert's slice handled by the caller) under the release's name; None for encoders."""
+    for ours, theirs in (
+        ("lm_head.", "lm_head."),
+        ("model.language_model.", "model."),
+        ("model.image_projector.", "model.mm_projector."),
+        ("model.speech_connector.decoder.", "model.mm_audio_aligner.decoder.audio_decoder."),
+        ("model.speech_connector.query_tokens", "model.query_tokens"),
+        ("model.audio_connector.qformer.", "model.mm_audio_aligner.qformer.qformer."),
+        ("model.audio_connector.query_tokens", "mm_audio_aligner.query_tokens"),
+        (
+            "model.audio_connector.projector." if qformer else "model.speech_connector.projector.",
+            "model.mm_audio_aligner.projector.",
+        ),
+    ):
+        if key.startswith(ours):
+            return theirs + key[len(ours) :]
+    return None
+
+
+def release_state(state: dict, qformer: bool) -> dict:
+    out = {}
+    for key, value in state.items():
+        if ".mlp.experts." in key:  # stacked [E, out, in] -> one module per expert
+            prefix, proj = key.rsplit(".", 1)
+            for i in range(value.shape[0]):
+                out[release_key(f"{prefix}.{i}.{proj}.weight", qformer)] = value[i].clone()
+        elif (name := release_key(key, qformer)) is not None:
+            out[name] = value.clone()
+    return out
+
+
+def variant_config(variant: str):
+    config = tiny(moe_layers="even" if variant == "interval" else "all")
+    if variant == "audio":
+        config.speech_config = None
+        config.audio_qformer_config.num_attention_heads = 1  # BLIP-2's head size 64: one head below 128
+    else:
+        config.audio_config = config.audio_qformer_config = None
+    return config
+
+
+def write_release(tmp_path, variant: str):
+    """Writes base, e2 and encoder files; returns them and the model assembled by hand."""
+    torch.manual_seed(0)
+    config = variant_config(variant)
+    source = UniMoeForConditionalGeneration(config).eval()
+    ours = {k: v.clone() for k, v in source.state_dict().items()}
+    qformer = variant == "audio"
+    base, e2 = tmp_path / "base", tmp_path / "e2"
+    base.mkdir()
+    e2.mkdir()
+
+    # base: the LLM with experts and the connectors, in two shards with an index
+    release = release_state(ours, qformer)
+    keys = sorted(release)
+    halves = {"pytorch_model-00001-of-00002.bin": keys[::2], "pytorch_model-00002-of-00002.bin": keys[1::2]}
+    for name, part in halves.items():
+        torch.save({k: release[k] for k in part}, base / name)
+    weight_map = {k: name for name, part in halves.items() for k in part}
+    (base / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    AutoTokenizer.from_pretrained(str(TINY_TOKENIZER), tokenizer_class="LlamaTokenizer").save_pretrained(base)
+
+    text = config.text_config
+    release_config = {k: getattr(text, k) for k in ("vocab_size", "hidden_size", "intermediate_size")}
+    release_config.update(
+        num_hidden_layers=text.num_hidden_layers,
+        num_attention_heads=text.num_attention_heads,
+        rms_norm_eps=text.rms_norm_eps,
+        max_position_embeddings=text.max_position_embeddings,
+        mm_vision_select_layer=-2,
+        mm_vision_tower="/path/to/clip-vit-large-patch14-336",  # never followed
+    )
+    (e2 / "config.json").write_text(json.dumps(release_config))
+    expected = dict(ours)
+
+    # 2. non_lora_trainables.bin: the image projector, under PEFT's prefix
+    non_lora = {}
+    for key in [k for k in ours if k.startswith("model.image_projector.")]:
+        value = torch.randn_like(ours[key])
+        non_lora["base_model.model." + release_key(key, qformer)] = value
+        expected[key] = value
+    torch.save(non_lora, e2 / "non_lora_trainables.bin")
+
+    # 3. the PEFT adapter: W += (alpha / r) B @ A, B non-zero
+    adapter = {}
+    scale = LORA_ALPHA / LORA_R
+    for layer in range(text.num_hidden_layers):
+        for target in LORA_TARGETS:
+            module, expert = target, None
+            if target.startswith("mlp.experts."):
+                if layer not in text.moe_layer_indices():
+                    continue
+                expert = int(target.split(".")[2])
+            elif target.startswith("mlp.") and layer in text.moe_layer_indices():
+                continue  # dense FFN only on the layers without experts
+            prefix = f"base_model.model.model.layers.{layer}.{module}"
+            ours_key = (
+                f"model.language_model.layers.{layer}.mlp.experts.up_proj"
+                if expert is not None
+                else f"model.language_model.layers.{layer}.{module}.weight"
+            )
+            weight = expected[ours_key][expert] if expert is not None else expected[ours_key]
+            a = torch.randn(LORA_R, weight.shape[1]) * 0.1
+            b = torch.randn(weight.shape[0], LORA_R) * 0.1
+            adapter[f"{prefix}.lora_A.weight"], adapter[f"{prefix}.lora_B.weight"] = a, b
+            merged = weight + scale * (b @ a)
+            if expert is not None:
+                expected[ours_key] = expected[ours_key].clone()
+                expected[ours_key][expert] = merged
+            else:
+                expected[ours_key] = merged
+    torch.save(adapter, e2 / "adapter_model.bin")
+    (e2 / "adapter_config.json").write_text(json.dumps({"r": LORA_R, "lora_alpha": LORA_ALPHA}))
+
+    # 4. mm_audio_aligner.bin: the audio or speech connector's projection
+    connector = "model.audio_connector" if qformer else "model.speech_connector"
+    aligner = {}
+    for key in [k for k in ours if k.startswith(f"{connector}.projector.")]:
+        value = torch.randn_like(ours[key])
+        aligner[release_key(key, qformer)] = value
+        expected[key] = value
+    torch.save(aligner, e2 / "mm_audio_aligner.bin")
+
+    # 5. mlp_gates.bin: the routers
+    gates = {}
+    for layer in text.moe_layer_indices():
+        key = f"model.language_model.layers.{layer}.mlp.gate.weight"
+        value = torch.randn_like(ours[key])
+        gates[f"base_model.model.model.layers.{layer}.mlp.gate.weight"] = value
+        expected[key] = value
+    torch.save(gates, e2 / "mlp_gates.bin")
+
+    # encoders from their own files
+    clip = CLIPVisionModel(config.vision_config)
+    clip.load_state_dict(source.model.vision_tower.state_dict())
+    clip.save_pretrained(tmp_path / "clip")
+    encoder_files = {"clip": tmp_path / "clip"}
+    if qformer:
+        save_official_checkpoint(source.model.audio_encoder, tmp_path / "beats.pt")
+        encoder_files["beats"] = tmp_path / "beats.pt"
+    else:
+        whisper = WhisperModel(config.speech_config)
+        whisper.encoder.load_state_dict(source.model.speech_encoder.state_dict())
+        whisper.save_pretrained(tmp_path / "whisper")
+        encoder_files["whisper"] = tmp_path / "whisper"
+
+    reference = UniMoeForConditionalGeneration(config).eval()
+    reference.load_state_dict(expected)
+    return base, e2, encoder_files, reference
+
+
+def _prompt(processor, fixtures_dir, variant):
+    media = {"type": "speech", "path": str(fixtures_dir / "speech.wav")}
+    if variant == "audio":
+        media = {"type": "audio", "path": str(fixtures_dir / "sound.wav")}
+    content = [
+        {"type": "image", "path": str(fixtures_dir / "photo.jpg")},
+        media,
+        {"type": "text", "text": "Hi?"},
+    ]
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
+
+@pytest.mark.parametrize("variant", ["speech", "audio", "interval"])
+def test_converted_release_equals_the_model_assembled_by_hand(variant, tmp_path, fixtures_dir):
+    base, e2, encoders, reference = write_release(tmp_path, variant)
+    model, processor = convert_release(base, e2, out=tmp_path / "converted", **encoders)
+    assert model.config.text_config.moe_layer_indices() == reference.config.text_config.moe_layer_indices()
+    for key, value in reference.state_dict().items():
+        if key != "model.speech_connector.decoder.embed_tokens.weight":  # never read
+            assert torch.equal(model.state_dict()[key], value), key
+    inputs = _prompt(processor, fixtures_dir, variant)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, reference(**inputs).logits, rtol=0, atol=0)
+        greedy = dict(max_new_tokens=6, do_sample=False)
+        generated = model.generate(**inputs, **greedy)
+        assert torch.equal(generated, reference.generate(**inputs, **greedy))
+        loaded = UniMoeForConditionalGeneration.from_pretrained(tmp_path / "converted").eval()
+        assert torch.equal(loaded.generate(**inputs, **greedy), generated)
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+
+
+def test_conversion_errors_name_the_file_and_leave_no_output(tmp_path):
+    base, e2, encoders, _ = write_release(tmp_path, "speech")
+    adapter = torch.load(e2 / "adapter_model.bin", weights_only=True)
+    key = next(k for k in adapter if k.endswith("q_proj.lora_B.weight"))
+    good = adapter[key]
+    adapter[key] = torch.randn(good.shape[0] + 1, LORA_R)
+    torch.save(adapter, e2 / "adapter_model.bin")
+    with pytest.raises(UniMoeInputError, match=r"adapter_model\.bin.*q_proj"):
+        convert_release(base, e2, out=tmp_path / "out", **encoders)
+    adapter[key] = good
+    torch.save(adapter, e2 / "adapter_model.bin")
+    (e2 / "mlp_gates.bin").unlink()
+    with pytest.raises(UniMoeInputError, match=r"mlp_gates\.bin"):
+        convert_release(base, e2, out=tmp_path / "out", **encoders)
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+
+
+def test_convert_command(tmp_path):
+    from unimoe.cli import main
+
+    base, e2, encoders, reference = write_release(tmp_path, "interval")
+    args = ["convert", "--base", str(base), "--e2", str(e2), "--out", str(tmp_path / "out")]
+    args += ["--clip", str(encoders["clip"]), "--whisper", str(encoders["whisper"]), "--dtype", "float32"]
+    assert main(args) == 0
+    loaded = UniMoeForConditionalGeneration.from_pretrained(tmp_path / "out")
+    key = "model.language_model.layers.0.mlp.gate.weight"
+    assert torch.equal(loaded.state_dict()[key], reference.state_dict()[key])
+    assert main(args) == 2  # the output exists: a configuration error, nothing overwritten
