@@ -206,6 +206,25 @@ def test_converted_release_equals_the_model_assembled_by_hand(variant, tmp_path,
         assert torch.equal(loaded.state_dict()[key], value), key
 
 
+def test_batched_generation_on_a_converted_model_equals_one_by_one(tmp_path, fixtures_dir):
+    from unimoe.inference import GenerationParams, UniMoeEngine
+
+    base, e2, encoders, _ = write_release(tmp_path, "speech")
+    convert_release(base, e2, out=tmp_path / "converted", **encoders)
+    engine = UniMoeEngine.load(str(tmp_path / "converted"), device="cpu", dtype="float32")
+    image = {"type": "image", "path": str(fixtures_dir / "photo.jpg")}
+    speech = {"type": "speech", "path": str(fixtures_dir / "speech.wav")}
+    prompts = [
+        [{"role": "user", "content": [image, {"type": "text", "text": "What is it?"}]}],
+        [{"role": "user", "content": [speech, {"type": "text", "text": "Say it again, please."}]}],
+        [{"role": "user", "content": "Hello."}],
+    ]
+    params = GenerationParams(max_new_tokens=5, temperature=0.0)
+    batched = [r.token_ids for r in engine.generate(prompts, params)]
+    alone = [engine.generate([p], params)[0].token_ids for p in prompts]
+    assert batched == alone
+
+
 def test_conversion_errors_name_the_file_and_leave_no_output(tmp_path):
     base, e2, encoders, _ = write_release(tmp_path, "speech")
     adapter = torch.load(e2 / "adapter_model.bin", weights_only=True)

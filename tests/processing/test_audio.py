@@ -120,6 +120,14 @@ def test_chunk_audio_lengths(seconds, expected_lengths):
     np.testing.assert_array_equal(np.concatenate(chunks), wave)
 
 
+def test_release_speech_chunking_skips_one_sample_per_chunk():
+    wave = np.arange(16000 * 65, dtype=np.float32)  # 65 s: chunks start at 0, 480001, 960002
+    chunks = chunk_audio(wave, 16000, 30.0, None, skip=1)
+    assert [c[0] for c in chunks] == [0, 480001, 960002]
+    assert [c.size for c in chunks] == [480000, 480000, 16000 * 65 - 960002]
+    assert [c[0] for c in chunk_audio(wave, 16000, 30.0, None)] == [0, 480000, 960000]
+
+
 def test_chunk_audio_caps_the_number_of_chunks():
     wave = np.zeros(25 * 60 * SR, dtype=np.float32)
     assert len(chunk_audio(wave)) == 20

@@ -1,5 +1,6 @@
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -166,3 +167,15 @@ def test_bad_sample_does_not_leak_into_batch(proc, fixtures_dir, bad_files):
         proc([good, bad])
     batch = proc([good])
     assert batch["pixel_values"].shape[0] == 1
+
+
+def test_release_speech_chunking_moves_later_chunks_by_a_sample(proc):
+    wave = np.random.default_rng(0).standard_normal(16000 * 5).astype(np.float32)  # 2 s chunks: 3 of them
+    plain = proc.featurize("speech", wave)[0]
+    proc.settings.release_speech_chunking = True
+    try:
+        release = proc.featurize("speech", wave)[0]
+    finally:
+        proc.settings.release_speech_chunking = False
+    assert plain.shape == release.shape and torch.equal(plain[0], release[0])
+    assert not torch.equal(plain[1], release[1])

@@ -22,11 +22,13 @@ def chunk_audio(
     sampling_rate: int = 16000,
     chunk_seconds: float = 30.0,
     max_chunks: int | None = 20,
+    skip: int = 0,
 ) -> list[np.ndarray]:
     """Split a mono waveform into consecutive chunks of `chunk_seconds`.
 
     The last chunk is shorter (not padded). At most `max_chunks` chunks are returned (audio after
-    them is dropped); `None` means no limit.
+    them is dropped); `None` means no limit. `skip` samples after each chunk are left out: the release
+    cuts speech into pieces one sample longer than 30 s and keeps the first 30 s of each (`skip=1`).
     """
     wave = np.asarray(wave)
     if wave.ndim != 1:
@@ -34,7 +36,7 @@ def chunk_audio(
     if wave.size == 0:
         raise UniMoeInputError("audio waveform is empty")
     chunk_len = int(round(chunk_seconds * sampling_rate))
-    chunks = [wave[start : start + chunk_len] for start in range(0, wave.size, chunk_len)]
+    chunks = [wave[start : start + chunk_len] for start in range(0, wave.size, chunk_len + skip)]
     return chunks if max_chunks is None else chunks[:max_chunks]
 
 

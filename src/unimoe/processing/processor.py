@@ -29,7 +29,12 @@ TINY_TOKENIZER = files("unimoe") / "assets" / "tokenizer"
 
 @dataclass
 class ProcessorSettings:
-    """How many tokens each medium becomes and how media are cut; mirrors the model config."""
+    """How many tokens each medium becomes and how media are cut; mirrors the model config.
+
+    ``release_speech_chunking`` reproduces the release's speech cutting (pieces one sample longer than a
+    chunk, the extra sample dropped, so from the second chunk on each starts a sample later) for exact
+    parity with its outputs; off by default, since it silently drops a sample per chunk.
+    """
 
     image_tokens: int = 576
     video_tokens: int = 576
@@ -40,6 +45,7 @@ class ProcessorSettings:
     chunk_seconds: float = 30.0
     sampling_rate: int = 16000
     voice_modality: str = "speech"
+    release_speech_chunking: bool = False
     pad_to_square: bool = False
     max_length: int | None = 2048
     system_prompt: str = SYSTEM_PROMPT
@@ -172,7 +178,8 @@ class UniMoeProcessor:
         if kind == "video":
             return self._pixels(load_video(source, s.video_frames)), None, s.tokens(kind)
         wave = load_audio(source, s.sampling_rate)
-        chunks = chunk_audio(wave, s.sampling_rate, s.chunk_seconds, s.max_chunks)
+        skip = 1 if kind == "speech" and s.release_speech_chunking else 0
+        chunks = chunk_audio(wave, s.sampling_rate, s.chunk_seconds, s.max_chunks, skip)
         if kind == "speech":
             return whisper_features(chunks, self.feature_extractor), None, len(chunks) * s.tokens(kind)
         fbank, mask = beats_fbank(chunks, s.sampling_rate, s.chunk_seconds)
