@@ -32,13 +32,13 @@ from pathlib import Path
 import torch
 
 from .errors import UniMoeConfigError, UniMoeInputError
+from .modalities import media
 from .modeling.configuration_unimoe import UniMoeConfig
 from .modeling.conversion import convert_release_multimodal_state_dict, release_text_config
 from .modeling.modeling_unimoe import UniMoeForConditionalGeneration
 
 logger = logging.getLogger(__name__)
 
-RELEASE_FILES = ("non_lora_trainables.bin", "adapter_model.bin", "mm_audio_aligner.bin", "mlp_gates.bin")
 _LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.default)?\.weight$")
 
 
@@ -71,65 +71,87 @@ def _strip_non_lora(key: str) -> str:
     return key.removeprefix("model.")
 
 
-def _overwrite(state: dict[str, torch.Tensor], update: dict[str, torch.Tensor], source: Path) -> None:
-    for key, tensor in update.items():
-        if key in state and state[key].shape != tensor.shape:
-            raise UniMoeInputError(
-                f"{source}: {key} has shape {tuple(tensor.shape)}, the base has {tuple(state[key].shape)}"
-            )
-        state[key] = tensor
-
-
-def _merge_lora(state: dict[str, torch.Tensor], e2: Path) -> int:
-    """Merges the e2 PEFT adapter into ``state`` (release keys); returns the number of merged weights."""
+def _read_adapter(e2: Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], float, Path]:
+    """``{target weight key: (A, B)}`` of the e2 PEFT adapter, its scale ``lora_alpha / r``, its path."""
     config_file = e2 / "adapter_config.json"
     if not config_file.is_file():
         raise UniMoeInputError(f"release file not found: {config_file}")
     config = json.loads(config_file.read_text())
-    scale = config["lora_alpha"] / config["r"]
     halves: dict[str, dict[str, torch.Tensor]] = {}
     adapter = e2 / "adapter_model.bin"
     for key, tensor in _load_bin(adapter).items():
         match = _LORA_KEY.match(key)
         if match is None:
             raise UniMoeInputError(f"{adapter}: {key} is not a LoRA weight")
-        halves.setdefault(match.group(1), {})[match.group(2)] = tensor
-    for module, pair in halves.items():
-        target = f"{module}.weight"
+        halves.setdefault(f"{match.group(1)}.weight", {})[match.group(2)] = tensor
+    pairs = {}
+    for target, pair in halves.items():
         if set(pair) != {"A", "B"}:
-            raise UniMoeInputError(f"{adapter}: {module} has only lora_{''.join(pair)}")
-        if target not in state:
-            raise UniMoeInputError(f"{adapter}: LoRA for {target}, which the base model does not have")
-        weight = state[target]
-        delta = pair["B"].float() @ pair["A"].float()  # [out, r] @ [r, in]
-        if delta.shape != weight.shape:
-            raise UniMoeInputError(
-                f"{adapter}: LoRA for {target} is {tuple(delta.shape)}, the weight {tuple(weight.shape)}"
-            )
-        state[target] = (weight.float() + scale * delta).to(weight.dtype)
-    return len(halves)
+            raise UniMoeInputError(f"{adapter}: {target} has only lora_{''.join(pair)}")
+        pairs[target] = (pair["A"], pair["B"])
+    return pairs, config["lora_alpha"] / config["r"], adapter
+
+
+def _merged(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, key: str, adapter: Path):
+    delta = b.float() @ a.float()  # [out, r] @ [r, in]
+    if delta.shape != weight.shape:
+        raise UniMoeInputError(
+            f"{adapter}: LoRA for {key} is {tuple(delta.shape)}, the weight {tuple(weight.shape)}"
+        )
+    return (weight.float() + scale * delta).to(weight.dtype)
 
 
 def load_release_state(base: str | Path, e2: str | Path) -> dict[str, torch.Tensor]:
     """The release's language model and connectors as its loader assembles them (module docstring),
-    still under the release's key names."""
+    still under the release's key names. Streams the base shards: each weight gets its e2 updates in
+    the release's order as its shard is read, so one copy of the weights is held, plus one shard."""
     base, e2 = Path(base), Path(e2)
-    state: dict[str, torch.Tensor] = {}
-    for shard in _base_shards(base):
-        state.update(_load_bin(shard))
-    non_lora = e2 / "non_lora_trainables.bin"
-    _overwrite(state, {_strip_non_lora(k): v for k, v in _load_bin(non_lora).items()}, non_lora)
-    merged = _merge_lora(state, e2)
-    aligner = e2 / "mm_audio_aligner.bin"
-    if aligner.is_file():
-        _overwrite(state, _load_bin(aligner), aligner)
-    gates_file = e2 / "mlp_gates.bin"
+    non_lora_file, aligner_file, gates_file = (
+        e2 / n for n in ("non_lora_trainables.bin", "mm_audio_aligner.bin", "mlp_gates.bin")
+    )
+    non_lora = {_strip_non_lora(k): v for k, v in _load_bin(non_lora_file).items()}
+    lora, scale, adapter = _read_adapter(e2)
+    aligner = _load_bin(aligner_file) if aligner_file.is_file() else {}
     gates = {
         k.removeprefix("base_model.model."): v for k, v in _load_bin(gates_file).items() if "mlp.gate." in k
     }
-    _overwrite(state, gates, gates_file)
-    logger.info("assembled %s + %s: %d tensors, %d LoRA weights merged", base, e2, len(state), merged)
+    later = ((non_lora, non_lora_file), (aligner, aligner_file), (gates, gates_file))
+
+    def finish(key: str, tensor: torch.Tensor | None) -> torch.Tensor:
+        if key in non_lora:
+            tensor = _checked(non_lora[key], tensor, key, non_lora_file)
+        if key in lora:
+            if tensor is None:
+                raise UniMoeInputError(f"{adapter}: LoRA for {key}, which the base model does not have")
+            tensor = _merged(tensor, *lora[key], scale, key, adapter)
+        for update, source in later[1:]:
+            if key in update:
+                tensor = _checked(update[key], tensor, key, source)
+        return tensor
+
+    state: dict[str, torch.Tensor] = {}
+    for shard in _base_shards(base):
+        for key, tensor in _load_bin(shard).items():
+            state[key] = finish(key, tensor)
+    for update, _ in later:  # weights only the e2 files hold
+        for key in update:
+            if key not in state:
+                state[key] = finish(key, None)
+    missing_targets = sorted(set(lora) - set(state))
+    if missing_targets:
+        raise UniMoeInputError(
+            f"{adapter}: LoRA for {missing_targets[0]}, which the base model does not have"
+        )
+    logger.info("assembled %s + %s: %d tensors, %d LoRA weights merged", base, e2, len(state), len(lora))
     return state
+
+
+def _checked(new: torch.Tensor, old: torch.Tensor | None, key: str, source: Path) -> torch.Tensor:
+    if old is not None and old.shape != new.shape:
+        raise UniMoeInputError(
+            f"{source}: {key} has shape {tuple(new.shape)}, the base has {tuple(old.shape)}"
+        )
+    return new
 
 
 def _qformer_config(state: dict[str, torch.Tensor]) -> dict:
@@ -149,8 +171,9 @@ def _qformer_config(state: dict[str, torch.Tensor]) -> dict:
 
 
 def _build_config(
-    release: dict, state: dict[str, torch.Tensor], clip: Path, whisper: Path | None, beats_cfg
+    release: dict, state: dict[str, torch.Tensor], clip: Path, whisper: Path | None, beats_cfg, first_id: int
 ) -> UniMoeConfig:
+    """``first_id``: the id the first placeholder token gets in the tokenizer (its length)."""
     from transformers import CLIPVisionConfig, WhisperConfig
 
     prefix = "model.language_model."
@@ -168,10 +191,7 @@ def _build_config(
         kwargs["audio_config"] = beats_cfg.to_dict()
         kwargs["audio_qformer_config"] = _qformer_config(state)
         kwargs["audio_num_queries"] = state["model.audio_connector.query_tokens"].shape[1]
-    vocab = text.vocab_size
-    ids = dict(
-        image_token_id=vocab, video_token_id=vocab + 1, speech_token_id=vocab + 2, audio_token_id=vocab + 3
-    )
+    ids = {m.token_id_key: first_id + i for i, m in enumerate(media())}  # as the processor adds them
     select = release.get("mm_vision_select_layer", -2)
     return UniMoeConfig(**kwargs, **ids, vision_feature_layer=select)
 
@@ -185,13 +205,64 @@ def convert_release(
     beats: str | Path | None = None,
     out: str | Path | None = None,
     dtype: torch.dtype | None = None,
+    max_shard_size: str | int = "5GB",
 ):
     """The released model in ``base`` + ``e2`` as a ``UniMoeForConditionalGeneration`` and its processor.
 
     ``clip``: a transformers CLIP vision directory; ``whisper`` (speech variant) a transformers Whisper
     directory, or ``beats`` (audio variant) the official BEATs checkpoint. ``dtype``: the model's
-    dtype (default: as stored). With ``out``, writes a standard model directory there, atomically.
+    dtype (default: as stored). With ``out``, the standard model directory is written there (safetensors
+    shards of ``max_shard_size`` with an index, ``config.json``, processor and tokenizer), atomically.
     """
+
+    if out is not None:
+        write_release_directory(
+            base,
+            e2,
+            Path(out),
+            clip=clip,
+            whisper=whisper,
+            beats=beats,
+            dtype=dtype,
+            max_shard_size=max_shard_size,
+        )
+        return _load(Path(out))
+    with tempfile.TemporaryDirectory() as tmp:
+        target = Path(tmp) / "model"
+        write_release_directory(
+            base,
+            e2,
+            target,
+            clip=clip,
+            whisper=whisper,
+            beats=beats,
+            dtype=dtype,
+            max_shard_size=max_shard_size,
+        )
+        return _load(target)
+
+
+def _load(directory: Path):
+    from .processing.processor import UniMoeProcessor
+
+    model = UniMoeForConditionalGeneration.from_pretrained(directory, dtype="auto").eval()
+    return model, UniMoeProcessor.from_pretrained(directory)
+
+
+def write_release_directory(
+    base: str | Path,
+    e2: str | Path,
+    out: Path,
+    *,
+    clip: str | Path,
+    whisper: str | Path | None = None,
+    beats: str | Path | None = None,
+    dtype: torch.dtype | None = None,
+    max_shard_size: str | int = "5GB",
+) -> None:
+    """Writes the converted model directory (see ``convert_release``) without building the model: the
+    weights go from the release's shards to ours holding one copy at a time."""
+    from huggingface_hub import save_torch_state_dict
     from transformers import AutoTokenizer, CLIPVisionModel, WhisperModel
 
     from .modeling.beats import BEATsModel
@@ -199,6 +270,8 @@ def convert_release(
 
     if (whisper is None) == (beats is None):
         raise UniMoeConfigError("give exactly one of whisper (speech variant) and beats (audio variant)")
+    if out.exists():
+        raise UniMoeConfigError(f"{out} exists; choose a new output directory")
     base, e2, clip = Path(base), Path(e2), Path(clip)
     for folder in (base, e2, clip, *([Path(whisper)] if whisper else [])):
         if not folder.is_dir():
@@ -207,36 +280,48 @@ def convert_release(
     if not config_file.is_file():
         raise UniMoeInputError(f"release file not found: {config_file}")
     release = json.loads(config_file.read_text())
-    state = convert_release_multimodal_state_dict(load_release_state(base, e2))
+    state = convert_release_multimodal_state_dict(load_release_state(base, e2), consume=True)
     beats_model = BEATsModel.from_official_checkpoint(beats) if beats else None
-    config = _build_config(
-        release, state, clip, Path(whisper) if whisper else None, beats_model and beats_model.config
-    )
-    stored = next(iter(state.values())).dtype
-    model = UniMoeForConditionalGeneration(config)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    speech = Path(whisper) if whisper else None
+    config = _build_config(release, state, clip, speech, beats_model and beats_model.config, len(tokenizer))
     encoders = {"model.vision_tower.": CLIPVisionModel.from_pretrained(clip).state_dict()}
     if whisper:
         encoders["model.speech_encoder."] = WhisperModel.from_pretrained(whisper).encoder.state_dict()
     else:
         encoders["model.audio_encoder."] = beats_model.state_dict()
+    stored = next(iter(state.values())).dtype
     for prefix, part in encoders.items():
-        state.update({prefix + k: v for k, v in part.items()})
-    _check_fits(model, state, base, e2)
-    model.load_state_dict(state)
-    model = model.to(dtype or stored).eval()
-    tokenizer = AutoTokenizer.from_pretrained(base)
+        state.update({prefix + k: v.to(stored) for k, v in part.items()})
+    with torch.device("meta"):  # names and shapes only
+        expected = UniMoeForConditionalGeneration(config).state_dict()
+    _check_fits(expected, state, base, e2)
+    target = dtype or stored
+    for key in state:
+        state[key] = state[key].to(target)
+    config.dtype = target
     processor = UniMoeProcessor.for_config(config, tokenizer=tokenizer)
     processor.settings.pad_to_square = release.get("image_aspect_ratio") == "pad"
-    if out is not None:
-        save_atomically(model, processor, Path(out))
-    return model, processor
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        save_torch_state_dict(state, tmp, max_shard_size=max_shard_size)
+        config.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("wrote %s", out)
 
 
-def _check_fits(model, state: dict[str, torch.Tensor], base: Path, e2: Path) -> None:
-    own = model.state_dict()
+def _check_fits(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], base: Path, e2: Path) -> None:
+    """Raises unless ``state`` has exactly the keys and shapes of ``own`` (fills the one weight the
+    release may leave out)."""
     unused = "model.speech_connector.decoder.embed_tokens.weight"  # the query connector reads no tokens
     if unused in own and unused not in state:
-        state[unused] = torch.zeros(own[unused].shape, dtype=own[unused].dtype)
+        state[unused] = torch.zeros(own[unused].shape, dtype=next(iter(state.values())).dtype)
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     wrong = [k for k in own if k in state and own[k].shape != state[k].shape]
@@ -247,19 +332,3 @@ def _check_fits(model, state: dict[str, torch.Tensor], base: Path, e2: Path) -> 
             if keys
         )
         raise UniMoeInputError(f"{base} + {e2} do not make a Uni-MoE model ({details})")
-
-
-def save_atomically(model, processor, out: Path) -> None:
-    """Writes model and processor to a temporary sibling of ``out``, then renames it into place: a
-    failed write leaves no half-written model at ``out``."""
-    if out.exists():
-        raise UniMoeConfigError(f"{out} exists; choose a new output directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

@@ -36,15 +36,20 @@ def _strip_prefix(key: str) -> str:
     return key
 
 
-def convert_release_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def convert_release_state_dict(
+    state_dict: dict[str, torch.Tensor], consume: bool = False
+) -> dict[str, torch.Tensor]:
     """Maps a release state dict (v1 or 8-expert keys) to ``UniMoeForCausalLM`` keys.
 
     Per-expert tensors are stacked along a new first dimension in expert order; an expert id
-    missing from a layer raises ``KeyError`` naming it.
+    missing from a layer raises ``KeyError`` naming it. With ``consume``, ``state_dict`` is emptied
+    as it is read and each layer's per-expert tensors are freed once stacked, so that converting holds
+    one copy of the weights plus one stack.
     """
     out: dict[str, torch.Tensor] = {}
     stacks: dict[str, dict[int, torch.Tensor]] = defaultdict(dict)
-    for raw_key, tensor in state_dict.items():
+    for raw_key in list(state_dict):
+        tensor = state_dict.pop(raw_key) if consume else state_dict[raw_key]
         key = _strip_prefix(raw_key)
         if m := _V1_EXPERT.match(key):
             prefix, idx, proj = m.groups()
@@ -57,11 +62,12 @@ def convert_release_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str,
             out[f"{m.group(1)}.gate.weight"] = tensor
         else:
             out[key] = tensor
-    for name, per_expert in stacks.items():
+    for name in list(stacks):
+        per_expert = stacks.pop(name)
         missing = sorted(set(range(max(per_expert) + 1)) - set(per_expert))
         if missing:
             raise KeyError(f"{name}: experts {missing} missing from the checkpoint")
-        out[name] = torch.stack([per_expert[i] for i in range(len(per_expert))])
+        out[name] = torch.stack([per_expert.pop(i) for i in range(len(per_expert))])
     return out
 
 
@@ -166,15 +172,18 @@ _MULTIMODAL_PREFIXES = (
 )
 
 
-def convert_release_multimodal_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def convert_release_multimodal_state_dict(
+    state_dict: dict[str, torch.Tensor], consume: bool = False
+) -> dict[str, torch.Tensor]:
     """Maps a release multimodal state dict (the LLM with experts, ``mm_projector``, ``mm_audio_aligner``,
     query tokens; PEFT prefixes allowed) to ``UniMoeForConditionalGeneration`` keys.
 
     ``model.mm_audio_aligner.projector.*`` is the speech connector's projection in the speech variant
     and the audio connector's in the audio (Q-Former) variant; the presence of Q-Former keys decides.
     Encoder weights are not part of the release files (they load from CLIP/Whisper/BEATs checkpoints).
+    ``consume``: see ``convert_release_state_dict``.
     """
-    lm = convert_release_state_dict(state_dict)
+    lm = convert_release_state_dict(state_dict, consume)
     has_qformer = any(".qformer.qformer." in k for k in lm)
     aligner = "model.audio_connector.projector." if has_qformer else "model.speech_connector.projector."
     out: dict[str, torch.Tensor] = {}
