@@ -1,5 +1,6 @@
 import pytest
 import torch
+from release_layout import release_state
 
 from unimoe import UniMoeForConditionalGeneration, UniMoeInputError
 from unimoe.presets import build_tiny
@@ -197,33 +198,11 @@ def test_tiny_speech_encoder_output_depends_on_the_audio(tiny):
 
 
 def _release_keys(state: dict, qformer: bool) -> dict:
-    """Our multimodal keys written the release's way (per-expert modules, mm_projector, mm_audio_aligner)."""
-    out = {}
-    for key, value in state.items():
-        if key.startswith(("model.vision_tower.", "model.speech_encoder.", "model.audio_encoder.")):
-            continue  # encoders come from their own checkpoints
-        if ".mlp.experts." in key:
-            prefix, proj = key.rsplit(".", 1)
-            for i in range(value.shape[0]):
-                out[f"{prefix}.{i}.{proj}.weight".replace("model.language_model.", "model.", 1)] = value[i]
-            continue
-        for ours, theirs in (
-            ("lm_head.", "lm_head."),
-            ("model.language_model.", "model."),
-            ("model.image_projector.", "model.mm_projector."),
-            ("model.speech_connector.decoder.", "model.mm_audio_aligner.decoder.audio_decoder."),
-            ("model.speech_connector.query_tokens", "model.query_tokens"),
-            ("model.audio_connector.qformer.", "model.mm_audio_aligner.qformer.qformer."),
-            ("model.audio_connector.query_tokens", "mm_audio_aligner.query_tokens"),
-            (
-                "model.speech_connector.projector." if not qformer else "model.audio_connector.projector.",
-                "model.mm_audio_aligner.projector.",
-            ),
-        ):
-            if key.startswith(ours):
-                out["base_model.model." * key.startswith("model.image_") + theirs + key[len(ours) :]] = value
-                break
-    return out
+    """Our multimodal keys written the release's way, the image projector under PEFT's prefix."""
+    return {
+        ("base_model.model." if k.startswith("model.mm_projector.") else "") + k: v
+        for k, v in release_state(state, qformer).items()
+    }
 
 
 def test_release_multimodal_keys_load(fixtures_dir):
