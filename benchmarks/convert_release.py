@@ -39,39 +39,19 @@ def _tensor(*shape: int) -> torch.Tensor:
 
 def write_checkpoint(root: Path, shape: dict, layers: int) -> tuple[Path, Path, Path, Path, int, int]:
     """The release directories and tiny encoder directories; returns them, total and largest shard bytes."""
-    from transformers import AutoTokenizer, CLIPVisionConfig, CLIPVisionModel, WhisperConfig, WhisperModel
+    from transformers import AutoTokenizer, CLIPVisionModel, WhisperModel
 
+    from unimoe.presets import tiny
     from unimoe.processing.processor import TINY_TOKENIZER
 
     h, f, v = shape["hidden"], shape["ffn"], shape["vocab"]
     base, e2 = root / "base", root / "e2"
     base.mkdir()
     e2.mkdir()
-    clip_config = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=32,
-        patch_size=8,
-    )
-    CLIPVisionModel(clip_config).save_pretrained(root / "clip")
-    whisper_config = WhisperConfig(
-        d_model=32,
-        encoder_layers=1,
-        decoder_layers=1,
-        encoder_attention_heads=2,
-        decoder_attention_heads=2,
-        encoder_ffn_dim=64,
-        decoder_ffn_dim=64,
-        vocab_size=64,
-        max_target_positions=64,
-        max_source_positions=1500,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        decoder_start_token_id=1,
-    )
+    small = tiny()  # the tiny preset's CLIP and Whisper, with Whisper's released 30 s window
+    CLIPVisionModel(small.vision_config).save_pretrained(root / "clip")
+    whisper_config = small.speech_config
+    whisper_config.max_source_positions = 1500
     whisper = WhisperModel(whisper_config)
     whisper.save_pretrained(root / "whisper")
     tokenizer = AutoTokenizer.from_pretrained(str(TINY_TOKENIZER), tokenizer_class="LlamaTokenizer")

@@ -115,16 +115,16 @@ def load_release_state(base: str | Path, e2: str | Path) -> dict[str, torch.Tens
     gates = {
         k.removeprefix("base_model.model."): v for k, v in _load_bin(gates_file).items() if "mlp.gate." in k
     }
-    later = ((non_lora, non_lora_file), (aligner, aligner_file), (gates, gates_file))
 
     def finish(key: str, tensor: torch.Tensor | None) -> torch.Tensor:
+        """``tensor`` (None: not in the base) after the e2 files, in the release's order."""
         if key in non_lora:
             tensor = _checked(non_lora[key], tensor, key, non_lora_file)
         if key in lora:
             if tensor is None:
                 raise UniMoeInputError(f"{adapter}: LoRA for {key}, which the base model does not have")
             tensor = _merged(tensor, *lora[key], scale, key, adapter)
-        for update, source in later[1:]:
+        for update, source in ((aligner, aligner_file), (gates, gates_file)):
             if key in update:
                 tensor = _checked(update[key], tensor, key, source)
         return tensor
@@ -133,15 +133,9 @@ def load_release_state(base: str | Path, e2: str | Path) -> dict[str, torch.Tens
     for shard in _base_shards(base):
         for key, tensor in _load_bin(shard).items():
             state[key] = finish(key, tensor)
-    for update, _ in later:  # weights only the e2 files hold
-        for key in update:
-            if key not in state:
-                state[key] = finish(key, None)
-    missing_targets = sorted(set(lora) - set(state))
-    if missing_targets:
-        raise UniMoeInputError(
-            f"{adapter}: LoRA for {missing_targets[0]}, which the base model does not have"
-        )
+    for key in [*non_lora, *lora, *aligner, *gates]:  # weights only the e2 files hold
+        if key not in state:
+            state[key] = finish(key, None)
     logger.info("assembled %s + %s: %d tensors, %d LoRA weights merged", base, e2, len(state), len(lora))
     return state
 
@@ -215,30 +209,10 @@ def convert_release(
     shards of ``max_shard_size`` with an index, ``config.json``, processor and tokenizer), atomically.
     """
 
-    if out is not None:
-        write_release_directory(
-            base,
-            e2,
-            Path(out),
-            clip=clip,
-            whisper=whisper,
-            beats=beats,
-            dtype=dtype,
-            max_shard_size=max_shard_size,
-        )
-        return _load(Path(out))
+    options = dict(clip=clip, whisper=whisper, beats=beats, dtype=dtype, max_shard_size=max_shard_size)
     with tempfile.TemporaryDirectory() as tmp:
-        target = Path(tmp) / "model"
-        write_release_directory(
-            base,
-            e2,
-            target,
-            clip=clip,
-            whisper=whisper,
-            beats=beats,
-            dtype=dtype,
-            max_shard_size=max_shard_size,
-        )
+        target = Path(tmp) / "model" if out is None else Path(out)
+        write_release_directory(base, e2, target, **options)
         return _load(target)
 
 

@@ -79,9 +79,10 @@ def upcycle(
     model = UniMoeForConditionalGeneration.from_pretrained(base)
     if model.config.text_config.moe_layer_indices():
         raise ValueError(f"{base}: the base model already has MoE layers; upcycle starts from a dense model")
-    base_ffn = extract_ffn_state_dict(model.text_model())
+    dense = model.text_model()
+    base_ffn = extract_ffn_state_dict(dense)
     language_model = upcycle_llama(
-        model.text_model(),
+        dense,
         num_experts=len(experts),
         ffn_sources=[base_ffn if str(p) == BASE_FFN else Path(p) for p in experts],
         router=router,
