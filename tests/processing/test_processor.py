@@ -179,3 +179,47 @@ def test_release_speech_chunking_moves_later_chunks_by_a_sample(proc):
         proc.settings.release_speech_chunking = False
     assert plain.shape == release.shape and torch.equal(plain[0], release[0])
     assert not torch.equal(plain[1], release[1])
+
+
+def _random_messages(rng):
+    words = [str(w) for w in ["cat", "Is it red?", " two  spaces ", "<image> literal", "ünï", "a\nb", ""]]
+    media_types = ["image", "video", "speech", "audio"]
+    messages = []
+    if rng.random() < 0.5:
+        system = str(rng.choice(words))
+        content = system if rng.random() < 0.5 else [{"type": "text", "text": system}, {"type": "text"}]
+        messages.append({"role": "system", "content": content})
+    for turn in range(rng.integers(1, 4)):
+        for role in ("user", "assistant") if turn or rng.random() < 0.8 else ("user",):
+            role = {"user": ["user", "human"], "assistant": ["assistant", "gpt"]}[role][rng.integers(2)]
+            if rng.random() < 0.4:
+                content = str(rng.choice(words))
+            else:
+                content = [
+                    {"type": "text", "text": str(rng.choice(words))}
+                    if rng.random() < 0.6
+                    else {"type": (kind := str(rng.choice(media_types))), "path": f"x.{kind}"}
+                    for _ in range(rng.integers(0, 4))
+                ]
+            messages.append({"role": role, "content": content})
+    return messages
+
+
+def test_saved_chat_template_renders_what_the_processor_renders(proc, tmp_path):
+    from transformers import AutoTokenizer
+
+    proc.settings.system_prompt = 'A "quoted" system prompt.\n'
+    try:
+        proc.save_pretrained(tmp_path)
+        tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+        rng = np.random.default_rng(0)
+        for _ in range(300):
+            messages = _random_messages(rng)
+            for prompt in (False, True):
+                expected = proc.render(messages, add_generation_prompt=prompt)
+                rendered = tokenizer.apply_chat_template(
+                    messages, tokenize=False, add_generation_prompt=prompt
+                )
+                assert rendered == expected, messages
+    finally:
+        proc.settings.system_prompt = SYSTEM_PROMPT

@@ -6,6 +6,7 @@ A turn is ``(role, parts)`` with role ``"user"`` or ``"assistant"`` and parts th
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,34 @@ def render_template(turns: Sequence[Turn], system: str = SYSTEM_PROMPT, add_gene
             yield None, True
     if add_generation_prompt:
         yield "ASSISTANT:", False
+
+
+_TEMPLATE = """\
+{%- set ns = namespace(system='') -%}
+{%- for message in messages if message.role == 'system' -%}
+  {%- if message.content is string -%}{%- set ns.system = message.content -%}
+  {%- else -%}{%- set ns.system = message.content | map(attribute='text', default='') | join(' ') -%}{%- endif -%}
+{%- endfor -%}
+{{- (ns.system or SYSTEM) ~ ' ' -}}
+{%- for message in messages if message.role != 'system' -%}
+  {%- if message.role in ('user', 'human') -%}{{- 'USER: ' -}}
+  {%- elif message.role in ('assistant', 'gpt') -%}{{- 'ASSISTANT:' -}}
+  {%- else -%}{{- raise_exception('unknown role ' ~ message.role) -}}{%- endif -%}
+  {%- if message.content is string -%}{{- message.content -}}
+  {%- else -%}{%- for part in message.content -%}
+    {%- if part.type == 'text' -%}{{- part.text -}}{%- else -%}{{- '<' ~ part.type ~ '>' -}}{%- endif -%}
+  {%- endfor -%}{%- endif -%}
+  {%- if message.role in ('user', 'human') -%}{{- ' ' -}}{%- else -%}{{- '</s>' -}}{%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}
+"""
+
+
+def chat_template(system: str = SYSTEM_PROMPT) -> str:
+    """``render_template`` as a Jinja chat template (transformers' ``apply_chat_template`` format), so
+    that tools reading only the tokenizer render the same prompt text, media shown as ``<image>``,
+    ``<speech>``, ... placeholders."""
+    return _TEMPLATE.replace("SYSTEM", json.dumps(system), 1)
 
 
 def _is_answer(turn: Any, key: str) -> bool:

@@ -19,7 +19,7 @@ from transformers import AutoTokenizer, BatchFeature, CLIPImageProcessorPil, Whi
 from ..errors import UniMoeInputError
 from ..modalities import MODALITIES, media, media_names
 from .audio import beats_fbank, chunk_audio, default_whisper_feature_extractor, whisper_features
-from .conversation import SYSTEM_PROMPT, Turn, message_turns, record_turns, render_template
+from .conversation import SYSTEM_PROMPT, Turn, chat_template, message_turns, record_turns, render_template
 from .media import load_audio, load_image, load_video
 
 IGNORE_INDEX = -100
@@ -93,6 +93,7 @@ class UniMoeProcessor:
         self.placeholder_ids = {m.name: self.tokenizer.convert_tokens_to_ids(m.placeholder) for m in media()}
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.unk_token  # LLaMA: pad = unk = 0
+        self.tokenizer.chat_template = chat_template(self.settings.system_prompt)
 
     # construction and persistence -------------------------------------------------------------
 
@@ -129,9 +130,11 @@ class UniMoeProcessor:
         return processor
 
     def save_pretrained(self, directory: str | Path) -> None:
-        """Writes tokenizer, image processor, feature extractor and settings under ``directory``."""
+        """Writes tokenizer (with the chat template of ``render``), image processor, feature extractor and
+        settings under ``directory``."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.chat_template = chat_template(self.settings.system_prompt)
         self.tokenizer.save_pretrained(directory)
         if self.image_processor is not None:
             self.image_processor.save_pretrained(directory / "image_processor")
