@@ -10,13 +10,17 @@ import json
 
 import pytest
 import torch
-from release_layout import release_key, release_state
-from transformers import AutoTokenizer, CLIPVisionModel, WhisperModel
+from release_layout import (
+    prompt_inputs,
+    release_config,
+    release_key,
+    release_state,
+    write_base,
+    write_encoders,
+)
 
 from unimoe import UniMoeForConditionalGeneration, UniMoeInputError
-from unimoe.modeling.beats import save_official_checkpoint
 from unimoe.presets import tiny
-from unimoe.processing.processor import TINY_TOKENIZER
 from unimoe.release import convert_release
 
 LORA_R, LORA_ALPHA = 4, 8
@@ -41,30 +45,10 @@ def write_release(tmp_path, variant: str):
     ours = {k: v.clone() for k, v in source.state_dict().items()}
     qformer = variant == "audio"
     base, e2 = tmp_path / "base", tmp_path / "e2"
-    base.mkdir()
+    write_base(base, release_state(ours, qformer))
     e2.mkdir()
-
-    # base: the LLM with experts and the connectors, in two shards with an index
-    release = release_state(ours, qformer)
-    keys = sorted(release)
-    halves = {"pytorch_model-00001-of-00002.bin": keys[::2], "pytorch_model-00002-of-00002.bin": keys[1::2]}
-    for name, part in halves.items():
-        torch.save({k: release[k] for k in part}, base / name)
-    weight_map = {k: name for name, part in halves.items() for k in part}
-    (base / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    AutoTokenizer.from_pretrained(str(TINY_TOKENIZER), tokenizer_class="LlamaTokenizer").save_pretrained(base)
-
+    (e2 / "config.json").write_text(json.dumps(release_config(config)))
     text = config.text_config
-    release_config = {k: getattr(text, k) for k in ("vocab_size", "hidden_size", "intermediate_size")}
-    release_config.update(
-        num_hidden_layers=text.num_hidden_layers,
-        num_attention_heads=text.num_attention_heads,
-        rms_norm_eps=text.rms_norm_eps,
-        max_position_embeddings=text.max_position_embeddings,
-        mm_vision_select_layer=-2,
-        mm_vision_tower="/path/to/clip-vit-large-patch14-336",  # never followed
-    )
-    (e2 / "config.json").write_text(json.dumps(release_config))
     expected = dict(ours)
 
     # 2. non_lora_trainables.bin: the image projector, under PEFT's prefix
@@ -124,35 +108,10 @@ def write_release(tmp_path, variant: str):
         expected[key] = value
     torch.save(gates, e2 / "mlp_gates.bin")
 
-    # encoders from their own files
-    clip = CLIPVisionModel(config.vision_config)
-    clip.load_state_dict(source.model.vision_tower.state_dict())
-    clip.save_pretrained(tmp_path / "clip")
-    encoder_files = {"clip": tmp_path / "clip"}
-    if qformer:
-        save_official_checkpoint(source.model.audio_encoder, tmp_path / "beats.pt")
-        encoder_files["beats"] = tmp_path / "beats.pt"
-    else:
-        whisper = WhisperModel(config.speech_config)
-        whisper.encoder.load_state_dict(source.model.speech_encoder.state_dict())
-        whisper.save_pretrained(tmp_path / "whisper")
-        encoder_files["whisper"] = tmp_path / "whisper"
-
+    encoder_files = write_encoders(tmp_path, source)
     reference = UniMoeForConditionalGeneration(config).eval()
     reference.load_state_dict(expected)
     return base, e2, encoder_files, reference
-
-
-def _prompt(processor, fixtures_dir, variant):
-    media = {"type": "speech", "path": str(fixtures_dir / "speech.wav")}
-    if variant == "audio":
-        media = {"type": "audio", "path": str(fixtures_dir / "sound.wav")}
-    content = [
-        {"type": "image", "path": str(fixtures_dir / "photo.jpg")},
-        media,
-        {"type": "text", "text": "Hi?"},
-    ]
-    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
 
 
 @pytest.mark.parametrize("variant", ["speech", "audio", "interval"])
@@ -163,7 +122,7 @@ def test_converted_release_equals_the_model_assembled_by_hand(variant, tmp_path,
     for key, value in reference.state_dict().items():
         if key != "model.speech_connector.decoder.embed_tokens.weight":  # never read
             assert torch.equal(model.state_dict()[key], value), key
-    inputs = _prompt(processor, fixtures_dir, variant)
+    inputs = prompt_inputs(processor, fixtures_dir, variant)
     with torch.no_grad():
         torch.testing.assert_close(model(**inputs).logits, reference(**inputs).logits, rtol=0, atol=0)
         greedy = dict(max_new_tokens=6, do_sample=False)

@@ -4,7 +4,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelF
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 from transformers.core_model_loading import WeightRenaming
 
-from .errors import UniMoeInputError
+from .errors import UniMoeConfigError, UniMoeInputError
 from .modeling.beats import BEATsConfig, BEATsModel
 from .modeling.configuration_unimoe import UniMoeConfig
 from .modeling.configuration_unimoe_text import UniMoeTextConfig
@@ -37,6 +37,7 @@ __all__ = [
     "UniMoeConfig",
     "UniMoeForConditionalGeneration",
     "UniMoeForCausalLM",
+    "UniMoeConfigError",
     "UniMoeInputError",
     "UniMoeModel",
     "UniMoeTextConfig",

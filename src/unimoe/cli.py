@@ -58,7 +58,15 @@ def _run_convert(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     dtype = None if args.dtype == "stored" else getattr(torch, args.dtype)
     convert_release(
-        args.base, args.e2, clip=args.clip, whisper=args.whisper, beats=args.beats, out=args.out, dtype=dtype
+        args.base,
+        args.e2,
+        experts=args.experts,
+        clip=args.clip,
+        whisper=args.whisper,
+        beats=args.beats,
+        out=args.out,
+        dtype=dtype,
+        merge_expert_lora=args.merge_expert_lora,
     )
     print(f"wrote {args.out}")
     return 0
@@ -70,12 +78,18 @@ def _add_convert_command(subparsers) -> None:
     )
     p.add_argument("--base", required=True, help="the release's *-base directory")
     p.add_argument("--e2", required=True, help="the release's *-e2 (stage 3) directory")
+    p.add_argument("--experts", help="8-expert model only: the stage-2 expert FFNs (Uni_MoE_8e_Experts)")
     p.add_argument("--clip", required=True, help="CLIP ViT-L/14-336 in transformers format")
     branch = p.add_mutually_exclusive_group(required=True)
     branch.add_argument("--whisper", help="Whisper-small in transformers format (speech variant)")
     branch.add_argument("--beats", help="the official BEATs checkpoint file (audio variant)")
     p.add_argument("--out", required=True, help="a new directory for the converted model")
     p.add_argument("--dtype", default="stored", choices=["stored", "float32", "bfloat16", "float16"])
+    p.add_argument(
+        "--merge-expert-lora",
+        action="store_true",
+        help="8-expert model: fold the in-expert LoRA into the experts (default: keep it as adapters)",
+    )
     p.set_defaults(func=_run_convert)
 
 

@@ -40,6 +40,19 @@ from .modeling.modeling_unimoe import UniMoeForConditionalGeneration
 logger = logging.getLogger(__name__)
 
 _LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.default)?\.weight$")
+_V1_MOE_KEY = re.compile(r"^model\.layers\.\d+\.mlp\.(experts\.|gate\.weight$)")
+_EXPERT_PROJ = re.compile(r"^(gate|up|down)_proj(_lora_[AB])?$")
+# The stage-2 FFN each of the 8 experts starts from, by global expert id (the release's own list).
+EXPERT_FFN_FILES = (
+    "mlp_audiocap",
+    "mlp_basev",
+    "mlp_base",
+    "mlp_base1",
+    "mlp_base4",
+    "mlp_base7",
+    "mlp_base",
+    "mlp_base7",
+)
 
 
 def _load_bin(path: Path) -> dict[str, torch.Tensor]:
@@ -101,42 +114,142 @@ def _merged(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float
     return (weight.float() + scale * delta).to(weight.dtype)
 
 
-def load_release_state(base: str | Path, e2: str | Path) -> dict[str, torch.Tensor]:
-    """The release's language model and connectors as its loader assembles them (module docstring),
-    still under the release's key names. Streams the base shards: each weight gets its e2 updates in
-    the release's order as its shard is read, so one copy of the weights is held, plus one shard."""
+def release_config(base: str | Path, e2: str | Path, experts: str | Path | None = None) -> tuple[dict, Path]:
+    """The release ``config.json`` the model is built from, and its path: e2's for v1; for the 8-expert
+    model the base's ``8config.json`` (the release has it copied over the base ``config.json``), else e2's.
+    """
     base, e2 = Path(base), Path(e2)
+    candidates = [e2 / "config.json"]
+    if experts is not None:
+        candidates.insert(0, base / "8config.json")
+    path = next((c for c in candidates if c.is_file()), None)
+    if path is None:
+        raise UniMoeInputError(f"release file not found: {candidates[-1]}")
+    try:
+        return json.loads(path.read_text()), path
+    except json.JSONDecodeError as err:
+        raise UniMoeInputError(f"{path} is not valid JSON: {err}") from err
+
+
+def _expert_weights(e2: Path, experts: Path, moe_layers: set[int]) -> dict[str, torch.Tensor]:
+    """The 8-expert model's expert weights under DeepSpeed-MoE keys: per global expert id, e2's
+    ``{g}_mlp_experts.bin`` and then the stage-2 FFN file over it. As in the release, a key's layer is
+    its third dotted field and its projection its second-to-last; layers without MoE are not read."""
+    out: dict[str, torch.Tensor] = {}
+    for g, ffn_name in enumerate(EXPERT_FFN_FILES):
+        for path in (e2 / f"{g}_mlp_experts.bin", experts / f"{ffn_name}.bin"):
+            local = set()  # the rank-local expert index in saved keys: one expert per file
+            for key, tensor in _load_bin(path).items():
+                fields = key.split(".")
+                if "deepspeed_experts" in fields[:-3]:
+                    local.add(fields[fields.index("deepspeed_experts") + 1])
+                if (
+                    len(fields) < 5
+                    or fields[1] != "layers"
+                    or not fields[2].isdigit()
+                    or fields[-1] != "weight"
+                ):
+                    raise UniMoeInputError(f"{path}: {key} is not a per-layer expert weight")
+                if not _EXPERT_PROJ.match(fields[-2]):
+                    raise UniMoeInputError(f"{path}: {key} is not a gate/up/down projection (or its LoRA)")
+                if int(fields[2]) in moe_layers:
+                    prefix = f"model.layers.{fields[2]}.mlp.deepspeed_moe.experts.deepspeed_experts"
+                    out[f"{prefix}.{g}.{fields[-2]}.weight"] = tensor
+            if len(local) > 1:
+                raise UniMoeInputError(f"{path} holds experts {sorted(local)}; expected one expert per file")
+    return out
+
+
+def _moe_layers_8e(config: dict, source: Path) -> set[int]:
+    """The layers the 8-expert model builds as MoE: every layer (``moe_type`` dense), or every
+    ``moe_stride``-th (sparse)."""
+    layers = range(config["num_hidden_layers"])
+    kind = config.get("moe_type", "dense")
+    if kind == "dense":
+        return set(layers)
+    if kind == "sparse":
+        return {i for i in layers if i % config.get("moe_stride", 2) == 0}
+    raise UniMoeConfigError(f"{source}: unknown moe_type {kind!r}")
+
+
+def load_release_state(
+    base: str | Path, e2: str | Path, experts: str | Path | None = None
+) -> dict[str, torch.Tensor]:
+    """The release's language model and connectors as its loader assembles them (module docstring),
+    still under the release's key names. ``experts``: the 8-expert model's stage-2 FFN directory
+    (``Uni_MoE_8e_Experts``); None for v1. Streams the base shards: each weight gets its e2 updates
+    in the release's order as its shard is read, so one copy of the weights is held, plus one shard."""
+    base, e2 = Path(base), Path(e2)
+    eight = experts is not None
     non_lora_file, aligner_file, gates_file = (
         e2 / n for n in ("non_lora_trainables.bin", "mm_audio_aligner.bin", "mlp_gates.bin")
     )
+    if eight and (e2 / "fm_adapter.bin").is_file():
+        raise UniMoeInputError(f"{e2 / 'fm_adapter.bin'}: the MoEFm variant is not supported")
     non_lora = {_strip_non_lora(k): v for k, v in _load_bin(non_lora_file).items()}
     lora, scale, adapter = _read_adapter(e2)
     aligner = _load_bin(aligner_file) if aligner_file.is_file() else {}
-    gates = {
-        k.removeprefix("base_model.model."): v for k, v in _load_bin(gates_file).items() if "mlp.gate." in k
+    gates = {  # v1's loader keeps the ``mlp.gate.`` keys; the 8-expert one loads the whole file
+        k.removeprefix("base_model.model."): v
+        for k, v in _load_bin(gates_file).items()
+        if eight or "mlp.gate." in k
     }
+    merge = None  # marks the LoRA merge's place in the order
+    if eight:
+        config, config_file = release_config(base, e2, experts)
+        num_experts = config.get("num_experts", len(EXPERT_FFN_FILES))
+        if num_experts != len(EXPERT_FFN_FILES):
+            raise UniMoeConfigError(
+                f"{config_file}: the 8-expert layout has {len(EXPERT_FFN_FILES)} experts; the config says {num_experts}"
+            )
+        if config.get("num_experts_per_tok", 2) != 2:  # DeepSpeed's top-1 gate weighs differently
+            raise UniMoeConfigError(f"{config_file}: only top-2 routing is supported at 8 experts")
+        for key, value in gates.items():
+            if key.endswith(".gate.wg.weight") and value.shape[0] != num_experts:
+                raise UniMoeInputError(
+                    f"{gates_file}: {key} routes to {value.shape[0]} experts; {config_file} says {num_experts}"
+                )
+        expert_state = _expert_weights(e2, Path(experts), _moe_layers_8e(config, config_file))
+        order = [(non_lora, non_lora_file), (gates, gates_file), (merge, adapter), (aligner, aligner_file)]
+    else:
+        expert_state = {}
+        order = [(non_lora, non_lora_file), (merge, adapter), (aligner, aligner_file), (gates, gates_file)]
 
     def finish(key: str, tensor: torch.Tensor | None) -> torch.Tensor:
         """``tensor`` (None: not in the base) after the e2 files, in the release's order."""
-        if key in non_lora:
-            tensor = _checked(non_lora[key], tensor, key, non_lora_file)
-        if key in lora:
-            if tensor is None:
-                raise UniMoeInputError(f"{adapter}: LoRA for {key}, which the base model does not have")
-            tensor = _merged(tensor, *lora[key], scale, key, adapter)
-        for update, source in ((aligner, aligner_file), (gates, gates_file)):
-            if key in update:
+        for update, source in order:
+            if update is merge:
+                if key in lora:
+                    if tensor is None:
+                        raise UniMoeInputError(
+                            f"{adapter}: LoRA for {key}, which the base model does not have"
+                        )
+                    tensor = _merged(tensor, *lora[key], scale, key, adapter)
+            elif key in update:
                 tensor = _checked(update[key], tensor, key, source)
         return tensor
 
     state: dict[str, torch.Tensor] = {}
+    dropped = 0
     for shard in _base_shards(base):
         for key, tensor in _load_bin(shard).items():
+            if eight and _V1_MOE_KEY.match(key):  # v1 experts and routers: no such modules at 8 experts
+                dropped += 1
+                continue
             state[key] = finish(key, tensor)
+    for key, tensor in expert_state.items():
+        state[key] = finish(key, tensor)
     for key in [*non_lora, *lora, *aligner, *gates]:  # weights only the e2 files hold
         if key not in state:
             state[key] = finish(key, None)
-    logger.info("assembled %s + %s: %d tensors, %d LoRA weights merged", base, e2, len(state), len(lora))
+    logger.info(
+        "assembled %s + %s: %d tensors, %d LoRA weights merged, %d base tensors of the v1 MoE left out",
+        base,
+        e2,
+        len(state),
+        len(lora),
+        dropped,
+    )
     return state
 
 
@@ -194,22 +307,35 @@ def convert_release(
     base: str | Path,
     e2: str | Path,
     *,
+    experts: str | Path | None = None,
     clip: str | Path,
     whisper: str | Path | None = None,
     beats: str | Path | None = None,
     out: str | Path | None = None,
     dtype: torch.dtype | None = None,
+    merge_expert_lora: bool = False,
     max_shard_size: str | int = "5GB",
 ):
     """The released model in ``base`` + ``e2`` as a ``UniMoeForConditionalGeneration`` and its processor.
 
-    ``clip``: a transformers CLIP vision directory; ``whisper`` (speech variant) a transformers Whisper
-    directory, or ``beats`` (audio variant) the official BEATs checkpoint. ``dtype``: the model's
-    dtype (default: as stored). With ``out``, the standard model directory is written there (safetensors
-    shards of ``max_shard_size`` with an index, ``config.json``, processor and tokenizer), atomically.
+    ``experts``: the 8-expert model's stage-2 FFN directory (``Uni_MoE_8e_Experts``; ``e2`` is then
+    ``Uni_MoE_8e_e2``), None for v1. ``clip``: a transformers CLIP vision directory; ``whisper`` (speech
+    variant) a transformers Whisper directory, or ``beats`` (audio variant) the official BEATs
+    checkpoint. ``dtype``: the model's dtype (default: as stored). ``merge_expert_lora``: fold the
+    8-expert model's in-expert LoRA into the expert weights instead of keeping it as adapters. With
+    ``out``, the standard model directory is written there (safetensors shards of ``max_shard_size``
+    with an index, ``config.json``, processor, tokenizer and chat template), atomically.
     """
 
-    options = dict(clip=clip, whisper=whisper, beats=beats, dtype=dtype, max_shard_size=max_shard_size)
+    options = dict(
+        experts=experts,
+        clip=clip,
+        whisper=whisper,
+        beats=beats,
+        dtype=dtype,
+        merge_expert_lora=merge_expert_lora,
+        max_shard_size=max_shard_size,
+    )
     with tempfile.TemporaryDirectory() as tmp:
         target = Path(tmp) / "model" if out is None else Path(out)
         write_release_directory(base, e2, target, **options)
@@ -228,10 +354,12 @@ def write_release_directory(
     e2: str | Path,
     out: Path,
     *,
+    experts: str | Path | None = None,
     clip: str | Path,
     whisper: str | Path | None = None,
     beats: str | Path | None = None,
     dtype: torch.dtype | None = None,
+    merge_expert_lora: bool = False,
     max_shard_size: str | int = "5GB",
 ) -> None:
     """Writes the converted model directory (see ``convert_release``) without building the model: the
@@ -247,14 +375,11 @@ def write_release_directory(
     if out.exists():
         raise UniMoeConfigError(f"{out} exists; choose a new output directory")
     base, e2, clip = Path(base), Path(e2), Path(clip)
-    for folder in (base, e2, clip, *([Path(whisper)] if whisper else [])):
+    for folder in (base, e2, clip, *(Path(f) for f in (whisper, experts) if f)):
         if not folder.is_dir():
             raise UniMoeInputError(f"directory not found: {folder}")
-    config_file = e2 / "config.json"
-    if not config_file.is_file():
-        raise UniMoeInputError(f"release file not found: {config_file}")
-    release = json.loads(config_file.read_text())
-    state = convert_release_multimodal_state_dict(load_release_state(base, e2), consume=True)
+    release, _ = release_config(base, e2, experts)
+    state = convert_release_multimodal_state_dict(load_release_state(base, e2, experts), consume=True)
     beats_model = BEATsModel.from_official_checkpoint(beats) if beats else None
     tokenizer = AutoTokenizer.from_pretrained(base)
     speech = Path(whisper) if whisper else None
@@ -264,7 +389,9 @@ def write_release_directory(
         encoders["model.speech_encoder."] = WhisperModel.from_pretrained(whisper).encoder.state_dict()
     else:
         encoders["model.audio_encoder."] = beats_model.state_dict()
-    stored = next(iter(state.values())).dtype
+    if merge_expert_lora:
+        _merge_expert_lora(state, config.text_config)
+    stored = state["model.language_model.embed_tokens.weight"].dtype
     for prefix, part in encoders.items():
         state.update({prefix + k: v.to(stored) for k, v in part.items()})
     with torch.device("meta"):  # names and shapes only
@@ -288,6 +415,20 @@ def write_release_directory(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     logger.info("wrote %s", out)
+
+
+def _merge_expert_lora(state: dict[str, torch.Tensor], text_config) -> None:
+    """Folds in-expert LoRA into the stacked expert weights, ``W += (alpha / r) B @ A`` per expert
+    (in fp32), and sets the config's expert LoRA rank to 0."""
+    if not text_config.expert_lora_rank:
+        return
+    scale = text_config.expert_lora_alpha / text_config.expert_lora_rank
+    for key in [k for k in state if k.endswith("_lora_A") and ".mlp.experts." in k]:
+        name = key.removesuffix("_lora_A")
+        a, b = state.pop(key), state.pop(f"{name}_lora_B")
+        weight = state[name]
+        state[name] = (weight.float() + scale * torch.bmm(b.float(), a.float())).to(weight.dtype)
+    text_config.expert_lora_rank = 0
 
 
 def _check_fits(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], base: Path, e2: Path) -> None:

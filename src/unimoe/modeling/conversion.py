@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UniMoeInputError
+
 _V1_EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 _DS_EXPERT = re.compile(
     r"^(model\.layers\.\d+\.mlp)\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\."
@@ -146,16 +148,22 @@ def release_text_config(release: dict, state: dict[str, torch.Tensor] | None = N
         "tie_word_embeddings",
     )
     kwargs = {k: release[k] for k in shape_keys if k in release}
-    router = "softmax_topk" if num_experts == 8 else "topk_softmax"
+    if num_experts == 8:  # DeepSpeed's top-2 gate; its second choice is sampled (Gumbel) in training
+        kwargs.update(router="softmax_topk", router_noise="gumbel")
     lora_a = [v for k, v in (state or {}).items() if k.endswith(".experts.gate_proj_lora_A")]
     if lora_a:
-        kwargs["expert_lora_rank"] = lora_a[0].shape[1]
+        rank = lora_a[0].shape[1]
+        if release.get("lora_r", rank) != rank:
+            raise UniMoeInputError(
+                f"the experts' LoRA has rank {rank}; the config's lora_r is {release['lora_r']}"
+            )
+        kwargs.update(expert_lora_rank=rank, expert_lora_alpha=release.get("lora_alpha", 16.0))
+        kwargs["expert_lora_dropout"] = release.get("lora_dropout", 0.05)
     return UniMoeTextConfig(
         **kwargs,
         num_experts=num_experts,
         num_experts_per_tok=release.get("num_experts_per_tok", release.get("top_k_experts", 2)),
         moe_layers=moe_layers,
-        router=router,
     )
 
 
