@@ -235,6 +235,9 @@ def test_8_expert_errors_name_the_file(release_8e, tmp_path):
     with pytest.raises(UniMoeInputError, match=r"mlp_base\.bin: model\.norm\.weight"):
         convert_release(**files, out=tmp_path / "out")
 
+    with pytest.raises(UniMoeConfigError, match="8-expert release"):
+        convert_release(**{**files, "experts": None}, out=tmp_path / "out")
+
     config = json.loads((files["base"] / "8config.json").read_text())
     (files["base"] / "8config.json").write_text(json.dumps({**config, "num_experts": 6}))
     with pytest.raises(UniMoeConfigError, match="8 experts; the config says 6"):

@@ -212,6 +212,10 @@ def load_release_state(
         expert_state = _expert_weights(e2, Path(experts), _moe_layers_8e(config, config_file))
         order = [(non_lora, non_lora_file), (gates, gates_file), (merge, adapter), (aligner, aligner_file)]
     else:
+        if (e2 / "0_mlp_experts.bin").is_file():
+            raise UniMoeConfigError(
+                f"{e2} is an 8-expert release: give its stage-2 expert directory (experts)"
+            )
         expert_state = {}
         order = [(non_lora, non_lora_file), (merge, adapter), (aligner, aligner_file), (gates, gates_file)]
 
