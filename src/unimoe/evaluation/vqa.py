@@ -51,12 +51,10 @@ _CONTRACTIONS = {
     "youd": "you'd", "youd've": "you'd've", "you'dve": "you'd've", "youll": "you'll", "youre": "you're",
     "youve": "you've",
 }  # fmt: skip
-_NUMBERS = dict(
-    zip(
-        "none zero one two three four five six seven eight nine ten".split(),
-        "0 0 1 2 3 4 5 6 7 8 9 10".split(),
-    )
-)
+_NUMBERS = {
+    "none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
+    "seven": "7", "eight": "8", "nine": "9", "ten": "10",
+}  # fmt: skip
 _ARTICLES = {"a", "an", "the"}
 # The official pattern: "(?!<=" is a typo for a lookbehind, so it strips every period not before a digit.
 _PERIOD = re.compile(r"(?!<=\d)(\.)(?!\d)")
