@@ -132,3 +132,89 @@ def add_inference_commands(subparsers) -> None:
     srv.add_argument("--batch-window-ms", type=float, default=5.0, help="wait for more requests per batch")
     srv.add_argument("--default-max-tokens", type=int, default=512, help="when a request sets none")
     srv.set_defaults(func=run_serve)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """``unimoe eval``: run and score a benchmark, score predictions (``--score-only``), or report."""
+    import json
+    import logging
+    from pathlib import Path
+
+    from .errors import UniMoeConfigError
+    from .evaluation.report import report
+    from .evaluation.runner import EvalSettings, run_eval, score_only
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if args.report:
+        sys.stdout.write(report([Path(p) for p in args.report], args.variant))
+        return 0
+    if not args.benchmark or not args.data:
+        raise UniMoeConfigError("unimoe eval needs --benchmark and --data (or --report DIR)")
+    judge = {"url": args.judge_url, "model": args.judge_model, "prompt_file": args.judge_prompt}
+    settings = EvalSettings(
+        benchmark=args.benchmark,
+        data=Path(args.data),
+        out=Path(args.out) if args.out else None,
+        media_root=Path(args.media_root) if args.media_root else None,
+        annotations=Path(args.annotations) if args.annotations else None,
+        data_format=args.format,
+        rule=args.rule,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        prompt_suffix=args.prompt_suffix,
+        limit=args.limit,
+        circular=not args.no_circular,
+        judge={k: v for k, v in judge.items() if v},
+    )
+    if args.score_only:
+        if not args.predictions:
+            raise UniMoeConfigError("--score-only needs --predictions FILE")
+        scores = score_only(settings, Path(args.predictions), args.id_field, args.answer_field)
+    else:
+        scores = run_eval(_engine(args), settings, progress=not args.no_progress)
+    summary = {k: scores[k] for k in ("benchmark", "rule", "official", "metrics", "n", "errors", "missing")}
+    sys.stdout.write(json.dumps(summary, indent=2) + "\n")
+    return 0
+
+
+def add_eval_command(subparsers) -> None:
+    """Registers ``eval``."""
+    from .evaluation.benchmarks import BENCHMARKS
+    from .evaluation.formats import LOADERS
+    from .evaluation.report import PAPER
+
+    ev = subparsers.add_parser(
+        "eval", help="evaluate on a benchmark with its official metric (batched, resumable), or score/report"
+    )
+    _add_model_args(ev)
+    ev.add_argument("--benchmark", choices=sorted(BENCHMARKS))
+    ev.add_argument("--data", help="the benchmark file (release eval JSON or the official format)")
+    ev.add_argument("--annotations", help="VQAv2 / OK-VQA: the annotations JSON beside the questions")
+    ev.add_argument("--format", choices=sorted(LOADERS), help="the data file's format (default: detected)")
+    ev.add_argument("--media-root", help="folder that relative media paths are under")
+    ev.add_argument("--out", help="folder for predictions.jsonl and scores.json (a rerun resumes)")
+    ev.add_argument("--rule", help="a scoring rule other than the official one (see the README)")
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--max-new-tokens", type=int, default=None, help="default: the release's per benchmark")
+    ev.add_argument("--temperature", type=float, default=None, help="default: the release's per benchmark")
+    ev.add_argument("--top-p", type=float, default=1.0)
+    ev.add_argument("--seed", type=int, default=0, help="sampled answers: a seed per item derived from it")
+    ev.add_argument("--prompt-suffix", default=None, help="replaces the answer-format sentence ('' drops it)")
+    ev.add_argument("--limit", type=int, default=None, help="only the first N items")
+    ev.add_argument("--no-circular", action="store_true", help="MMBench: no option rotations")
+    ev.add_argument("--judge-url", help="OpenAI-compatible base URL (…/v1) of a judge model")
+    ev.add_argument("--judge-model", help="the judge's model name")
+    ev.add_argument(
+        "--judge-prompt", help="a file with the judge instructions ({question} {answer} {prediction})"
+    )
+    ev.add_argument("--predictions", help="with --score-only: predictions made elsewhere")
+    ev.add_argument("--score-only", action="store_true", help="score --predictions; generate nothing")
+    ev.add_argument("--id-field", default=None, help="id field of --predictions (default: question_id or id)")
+    ev.add_argument("--answer-field", default=None, help="answer field of --predictions (default: text)")
+    ev.add_argument("--report", nargs="+", metavar="DIR", help="Markdown table of scores.json under DIR(s)")
+    ev.add_argument("--variant", default="4e", choices=sorted(PAPER), help="--report: the paper's row")
+    ev.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ev.set_defaults(func=run_eval)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -91,10 +91,15 @@ def _failure(record_id: Any, exc: Exception) -> dict[str, Any]:
 
 
 def answer_batch(
-    engine: UniMoeEngine, records: list[dict], params: GenerationParams, media_root: str | Path | None
+    engine: UniMoeEngine,
+    records: list[dict],
+    params: GenerationParams | list[GenerationParams],
+    media_root: str | Path | None,
 ) -> list[dict[str, Any]]:
-    """Output lines for a batch of records. Each record is encoded alone (a bad one gets an error
-    line); the rest run as one batch, and if that fails, one by one."""
+    """Output lines for a batch of records (``params`` shared or one per record). Each record is
+    encoded alone (a bad one gets an error line); the rest run as one batch, and if that fails, one
+    by one."""
+    rows = params if isinstance(params, list) else [params] * len(records)
     lines: dict[int, dict] = {}
     encoded: list[tuple[int, EncodedSample]] = []
     for i, record in enumerate(records):
@@ -106,12 +111,12 @@ def answer_batch(
         except RECOVERABLE as exc:
             lines[i] = _failure(record["id"], exc)
     try:
-        results = engine.generate_encoded([s for _, s in encoded], params)
+        results = engine.generate_encoded([s for _, s in encoded], [rows[i] for i, _ in encoded])
         lines.update({i: _answer(records[i]["id"], r) for (i, _), r in zip(encoded, results)})
     except RECOVERABLE:
         for i, sample in encoded:
             try:
-                lines[i] = _answer(records[i]["id"], engine.generate_encoded([sample], params)[0])
+                lines[i] = _answer(records[i]["id"], engine.generate_encoded([sample], [rows[i]])[0])
             except RECOVERABLE as exc:
                 lines[i] = _failure(records[i]["id"], exc)
     return [lines[i] for i in range(len(records))]
@@ -133,12 +138,29 @@ def run_batch(
     log: TextIO | None = None,
 ) -> BatchSummary:
     """Answers every record of ``input_path`` not yet in ``output_path``, appending to it."""
+    return answer_records(
+        engine, read_records(input_path), output_path, params, batch_size, media_root, progress, log
+    )
+
+
+def answer_records(
+    engine: UniMoeEngine,
+    records: Iterable[dict[str, Any]],
+    output_path: str | Path,
+    params: GenerationParams | Callable[[dict[str, Any]], GenerationParams],
+    batch_size: int = 8,
+    media_root: str | Path | None = None,
+    progress: bool = True,
+    log: TextIO | None = None,
+) -> BatchSummary:
+    """Answers every record (each with an ``id``) not yet in ``output_path``, appending to it and
+    flushing after every batch. ``params``: shared, or a function of the record."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     done = finished_ids(output_path)
     todo, seen = [], set(done)
     summary = BatchSummary()
-    for record in read_records(input_path):
+    for record in records:
         summary.total += 1
         key = str(record["id"])
         if key in seen:
@@ -150,7 +172,8 @@ def run_batch(
     bar = tqdm(total=len(todo), disable=not progress, unit="record", file=log or sys.stderr)
     with open(output_path, "a", encoding="utf-8") as out, bar:
         for batch in _batches(todo, batch_size):
-            lines = answer_batch(engine, batch, params, media_root)
+            rows = [params(r) for r in batch] if callable(params) else params
+            lines = answer_batch(engine, batch, rows, media_root)
             out.write("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
             out.flush()
             failed = sum("error" in line for line in lines)
