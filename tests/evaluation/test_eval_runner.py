@@ -280,3 +280,41 @@ def test_eval_command_and_report(tmp_path, media, capsys):
     assert (
         main(["eval", "--benchmark", "okvqa", "--data", str(tmp_path / "nope.json"), "--out", str(out)]) == 3
     )
+
+
+def test_spoken_multiple_choice_and_clotho_aqa(engine, tmp_path, media):
+    def record(i, prompt, **fields):
+        turns = [{"from": "human", "value": prompt}, {"from": "gpt", "value": ""}]
+        return {"id": f"r{i}", "voice": ["speech.wav"], "conversations": turns, **fields}
+
+    options = "Options:\nA. in the park\nB. at school\nC. at home\nD. on a bus"
+    race = [
+        record(i, f"<audio>\nWhere are they?\n{options}", answer=["B"], category=[c])
+        for i, c in enumerate("mmh")
+    ]
+    (tmp_path / "race.json").write_text(json.dumps(race))
+    scores = run_eval(
+        engine,
+        EvalSettings(
+            "race-audio", tmp_path / "race.json", out=tmp_path / "race", media_root=media, max_new_tokens=2
+        ),
+        progress=False,
+    )
+    assert scores["answered"] == 3 and scores["rule"] == "letter"
+    preds = {"r0": "The answer is (B).", "r1": "b", "r2": "They are at home."}
+    (tmp_path / "p.jsonl").write_text(
+        "".join(json.dumps({"id": k, "text": v}) + "\n" for k, v in preds.items())
+    )
+    scores = score_only(EvalSettings("race-audio", tmp_path / "race.json"), tmp_path / "p.jsonl")
+    assert scores["metrics"] == pytest.approx({"accuracy": 200 / 3, "accuracy/h": 0.0, "accuracy/m": 100.0})
+
+    clotho = [
+        record(0, "<audio>\nIs it raining?", gt="yes"),
+        record(1, "<audio>\nWhat sound?", gt=["a dog barking", "barking"]),
+    ]
+    (tmp_path / "clotho.json").write_text(json.dumps(clotho))
+    (tmp_path / "c.jsonl").write_text(
+        json.dumps({"id": "r0", "text": "Yes."}) + "\n" + json.dumps({"id": "r1", "text": "Barking!"}) + "\n"
+    )
+    scores = score_only(EvalSettings("clotho-aqa", tmp_path / "clotho.json"), tmp_path / "c.jsonl")
+    assert scores["metrics"] == {"accuracy/open": 100.0, "accuracy/yes_no": 100.0, "accuracy": 100.0}
