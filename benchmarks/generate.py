@@ -93,17 +93,26 @@ def prompts(count: int, seed: int = 0) -> list[list[dict]]:
 
 
 @torch.inference_mode()
-def release_generate(engine: UniMoeEngine, sample: EncodedSample, new_tokens: int) -> list[int]:
-    """Greedy decoding the release's way: no KV cache, full forward with the media at every step."""
+def release_generate(
+    engine: UniMoeEngine, sample: EncodedSample, new_tokens: int, stop_at_eos: bool = False
+) -> list[int]:
+    """Greedy decoding the release's way: no KV cache, full forward with the media at every step.
+    Exactly ``new_tokens`` tokens (end-of-sequence masked), or with ``stop_at_eos`` up to the first
+    end-of-sequence (not returned)."""
     batch = engine.processor.collate([sample], padding_side="left")
     media = {k: batch[k].to(engine.device) for k in media_input_keys() if k in batch}
     ids = batch["input_ids"].to(engine.device)  # [1, S]
     eos = engine.processor.tokenizer.eos_token_id
+    start = ids.shape[1]
     for _ in range(new_tokens):
         logits = engine.model(input_ids=ids, use_cache=False, logits_to_keep=1, **media).logits[:, -1]
-        logits[:, eos] = float("-inf")  # as ignore_eos: exactly new_tokens tokens
-        ids = torch.cat([ids, logits.argmax(dim=-1, keepdim=True)], dim=1)  # [1, S + 1]
-    return ids[0, -new_tokens:].tolist()
+        if not stop_at_eos:
+            logits[:, eos] = float("-inf")  # as ignore_eos: exactly new_tokens tokens
+        token = logits.argmax(dim=-1, keepdim=True)
+        if stop_at_eos and token.item() == eos:
+            break
+        ids = torch.cat([ids, token], dim=1)  # [1, S + 1]
+    return ids[0, start:].tolist()
 
 
 def check_methods_agree(engine: UniMoeEngine, samples: list[EncodedSample], new_tokens: int) -> None:

@@ -149,6 +149,12 @@ def score_clotho_aqa(targets, predictions, rule):
     return out
 
 
+def score_caption(targets, predictions, rule):
+    from .captioning import caption_scores
+
+    return caption_scores([_answers(t) for t in targets], predictions, rule)
+
+
 def score_exact(targets, predictions, rule):
     """The judge-free fallback of judged benchmarks: normalised exact match. Not the official score."""
     hits = [p is not None and exact_match(p, _answers(t)) for t, p in zip(targets, predictions, strict=True)]
@@ -184,6 +190,9 @@ def _benchmarks() -> dict[str, Benchmark]:
         ),
         Benchmark("ehsl", "speech", score_choice, ("letter", "mmbench"), greedy=False, paper="EHSL"),
         Benchmark("clotho-aqa", "audio", score_clotho_aqa, ("exact-match",), greedy=False),
+        Benchmark(
+            "clotho-caption", "audio", score_caption, ("spider", "cider-d"), greedy=False, headline="cider_d"
+        ),
         Benchmark(
             "mmvet", "image", score_exact, ("exact-match",), greedy=True, paper="MM-Vet", needs_judge=True
         ),

@@ -170,9 +170,12 @@ def read_predictions(
         raise UniMoeInputError(f"predictions file not found: {path}")
     text = path.read_text(encoding="utf-8")
     try:
+        if path.suffix == ".jsonl":
+            raise json.JSONDecodeError("JSON lines", text, 0)
         rows = json.loads(text)
-        if isinstance(rows, dict):
-            rows = [{"id": k, "text": v} for k, v in rows.items()]
+        if isinstance(rows, dict):  # one record, or {id: answer}
+            ids = (id_field,) if id_field else ("question_id", "id")
+            rows = [rows] if any(k in rows for k in ids) else [{"id": k, "text": v} for k, v in rows.items()]
     except json.JSONDecodeError:
         rows = []
         for number, line in enumerate(text.splitlines(), start=1):
