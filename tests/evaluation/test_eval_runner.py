@@ -217,6 +217,8 @@ class _Judge(BaseHTTPRequestHandler):
         content = '{"pred": "yes", "score": 5}' if right else '{"pred": "no", "score": 1}'
         if "Ground truth" in prompt:
             content = "1.0" if right else "0.2"
+        if prompt.startswith("Which option"):
+            content = "B" if "wheels" in prompt else "Z"
         reply = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
         self.send_response(200)
         self.send_header("Content-Length", str(len(reply)))
@@ -318,3 +320,29 @@ def test_spoken_multiple_choice_and_clotho_aqa(engine, tmp_path, media):
     )
     scores = score_only(EvalSettings("clotho-aqa", tmp_path / "clotho.json"), tmp_path / "c.jsonl")
     assert scores["metrics"] == {"accuracy/open": 100.0, "accuracy/yes_no": 100.0, "accuracy": 100.0}
+
+
+def test_mmbench_judge_reads_the_answers_the_rule_cannot(tmp_path, judge_url):
+    options = "Options:\nA. a cat\nB. a bus\nC. a tree"
+    records = [
+        {
+            "id": f"MMBench-{i}",
+            "image": "photo.jpg",
+            "answer": ["B"],
+            "conversations": [{"from": "human", "value": f"<image>\nWhat?\n{options}"}],
+        }
+        for i in range(3)
+    ]
+    (tmp_path / "mmb.json").write_text(json.dumps(records))
+    preds = {"MMBench-0": "B", "MMBench-1": "the thing with wheels", "MMBench-2": "no idea"}
+    (tmp_path / "p.jsonl").write_text(
+        "".join(json.dumps({"id": k, "text": v}) + "\n" for k, v in preds.items())
+    )
+    plain = score_only(EvalSettings("mmbench", tmp_path / "mmb.json"), tmp_path / "p.jsonl")
+    assert plain["metrics"]["accuracy"] == pytest.approx(100 / 3) and plain["rule"] == "mmbench"
+    judged = score_only(
+        EvalSettings("mmbench", tmp_path / "mmb.json", judge={"url": judge_url, "model": "j"}),
+        tmp_path / "p.jsonl",
+    )
+    assert judged["metrics"]["accuracy"] == pytest.approx(200 / 3)
+    assert judged["rule"] == "mmbench+judge:j" and judged["official"]

@@ -331,3 +331,33 @@ def test_failed_batch_is_retried_one_by_one() -> None:
         assert scheduler.batch_sizes == [3]
     finally:
         scheduler.stop()
+
+
+def test_request_shaped_as_lmms_eval_sends_it(
+    client: openai.OpenAI, server: SimpleNamespace, tmp_path
+) -> None:
+    """lmms-eval's OpenAI-compatible model (``unimoe eval``'s README bridge): the image re-encoded as a
+    PNG data URL before the text, ``max_tokens`` and ``temperature`` 0, extra body fields, no stop."""
+    from PIL import Image
+
+    png = tmp_path / "photo.png"
+    Image.open(FIXTURES / "photo.jpg").convert("RGB").save(png)
+    content = [
+        image_part("data:image/png;base64," + base64.b64encode(png.read_bytes()).decode()),
+        {
+            "type": "text",
+            "text": "Is there a cat in the image?\nAnswer the question using a single word or phrase.",
+        },
+    ]
+    response = client.chat.completions.create(
+        model="unimoe",
+        messages=[{"role": "user", "content": content}],
+        max_tokens=12,
+        temperature=0,
+        extra_body={"media_io_kwargs": {}, "chat_template_kwargs": {}},
+    )
+    direct = [{"role": "user", "content": [{"type": "image", "path": str(png)}, content[1]]}]
+    assert (
+        response.choices[0].message.content
+        == server.engine.generate([direct], GenerationParams(max_new_tokens=12))[0].text
+    )

@@ -277,15 +277,15 @@ def rotate_options(items: list[Item]) -> list[Item]:
     """MMBench's circular evaluation: each question with its options written in the prompt also asked
     with the options rotated (``id-r1``, ``id-r2``, ...; the right letter moved along), all in one
     ``group``. Data that already holds rotations (rows sharing a group) is returned as it is."""
-    groups = [item["target"].get("group") for item in items]
-    if any(g is not None for g in groups) and len(set(groups)) < len(groups):
+    groups = [item["target"].get("group", item["id"]) for item in items]
+    if len(set(groups)) < len(groups):
         return items
     out = []
     for item in items:
         target = item["target"]
         target.setdefault("group", item["id"])
         out.append(item)
-        options, answer = target.get("options") or {}, target.get("answer")
+        options, answer = target.get("options") or {}, _first(target.get("answer"))
         prompt = item["record"]["conversations"][-1]["value"]
         block = _options_text(options)
         if len(options) < 2 or answer not in options or block not in prompt:

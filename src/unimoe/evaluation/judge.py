@@ -42,6 +42,15 @@ Predicted answer: {prediction}
 
 Reply with a JSON object only, such as {{"pred": "yes", "score": 4}}."""
 
+CHOICE_PROMPT = """Which option does the answer below choose?
+
+Question: {question}
+Options:
+{options}
+Answer: {prediction}
+
+Reply with the option's letter only, or Z if the answer chooses none of them."""
+
 _NUMBER = re.compile(r"\d+(?:\.\d+)?")
 
 
@@ -124,3 +133,30 @@ def judge_scores(benchmark: str, items: list[dict], predictions: list[str | None
         metrics = {"score": 100 * sum(v or 0.0 for v in verdicts) / n}
     metrics["judge_unread"] = unread
     return {"rule": rule, "metrics": metrics}
+
+
+def judge_letters(
+    items: list[dict], predictions: list[str | None], settings: dict, rule: str
+) -> list[str | None]:
+    """MMBench's judge fallback: answers the letter rule cannot read are given to the judge model,
+    which names the option they choose; those answers are replaced by its letter."""
+    from .choices import extract_letter
+
+    def resolve(pair) -> str | None:
+        item, prediction = pair
+        options = item["target"].get("options") or {}
+        if prediction is None or extract_letter(prediction, options, rule) is not None:
+            return prediction
+        listing = "\n".join(f"{k}. {v}" for k, v in options.items())
+        prompt = CHOICE_PROMPT.format(
+            question=item["target"].get("question", ""), options=listing, prediction=prediction
+        )
+        try:
+            reply = _ask(settings, prompt).strip()
+        except (urllib.error.URLError, OSError, KeyError, json.JSONDecodeError):
+            return prediction
+        letter = reply[:1].upper()
+        return letter if letter in options else prediction
+
+    with ThreadPoolExecutor(max_workers=settings.get("concurrency", 8)) as pool:
+        return list(pool.map(resolve, zip(items, predictions, strict=True)))

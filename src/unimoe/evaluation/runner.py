@@ -78,7 +78,7 @@ def load_items(settings: EvalSettings) -> list[dict[str, Any]]:
     items = LOADERS[fmt](data, annotations=settings.annotations, out=settings.out)
     if spec.name == "aokvqa" and settings.chosen_rule() == "multiple-choice" and fmt == "aokvqa":
         items = aokvqa_multiple_choice(items)
-    if spec.name == "mmbench" and settings.circular:
+    if spec.name == "mmbench" and settings.circular and fmt == "mmbench":  # release files carry their own
         items = rotate_options(items)
     if settings.limit is not None:
         items = items[: settings.limit]
@@ -234,12 +234,17 @@ def score_items(
         from .judge import judge_scores
 
         judged = judge_scores(spec.name, items, answers, settings.judge)
-    metrics = judged["metrics"] if judged else spec.scorer(targets, answers, rule)
+    elif spec.name == "mmbench" and settings.judge.get("url"):
+        from .judge import judge_letters
+
+        answers = judge_letters(items, answers, settings.judge, rule)
+        rule = f"{rule}+judge:{settings.judge.get('model') or 'judge'}"
+    metrics = judged["metrics"] if judged else spec.scorer(targets, answers, rule.split("+")[0])
     scores: dict[str, Any] = {
         "benchmark": spec.name,
         "data": str(settings.data),
         "rule": judged["rule"] if judged else rule,
-        "official": bool(judged) or (not spec.needs_judge and rule == spec.rules[0]),
+        "official": bool(judged) or (not spec.needs_judge and rule.split("+")[0] == spec.rules[0]),
         "metrics": metrics,
         "n": len(items),
         "answered": len(items) - len(errors) - len(missing),
