@@ -346,3 +346,65 @@ def test_mmbench_judge_reads_the_answers_the_rule_cannot(tmp_path, judge_url):
     )
     assert judged["metrics"]["accuracy"] == pytest.approx(200 / 3)
     assert judged["rule"] == "mmbench+judge:j" and judged["official"]
+
+
+def _official_fixture(kind: str, tmp_path: Path) -> tuple[str, Path, dict]:
+    """(benchmark, data file, extra settings) for a tiny file in an official format."""
+    if kind == "pope":
+        path = tmp_path / "coco_pope_random.json"
+        lines = [
+            {
+                "question_id": i,
+                "image": "photo.jpg",
+                "text": "Is there a cat?",
+                "label": "yes" if i % 2 else "no",
+            }
+            for i in range(4)
+        ]
+        path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+        return "pope", path, {}
+    if kind in ("aokvqa", "aokvqa-mc"):
+        (tmp_path / "val2017").mkdir()
+        shutil.copy(FIXTURES / "photo.jpg", tmp_path / "val2017" / "000000000001.jpg")
+        questions = [
+            {"question_id": f"a{i}", "image_id": 1, "question": "What is it?", "choices": ["cat", "dog", "car", "tree"],
+             "correct_choice_idx": 2, "direct_answers": ["car"] * 10, "difficult_direct_answer": i == 0}
+            for i in range(3)
+        ]  # fmt: skip
+        path = tmp_path / "aokvqa_v1p0_val.json"
+        path.write_text(json.dumps(questions))
+        return "aokvqa", path, {"rule": "multiple-choice"} if kind == "aokvqa-mc" else {}
+    if kind == "mmbench":
+        image = base64.b64encode((FIXTURES / "photo.jpg").read_bytes()).decode()
+        rows = [f"{i}\tWhat is it?\tnan\tcat\tdog\tcar\t\tC\tobject\t{image}" for i in range(2)]
+        path = tmp_path / "mmbench.tsv"
+        path.write_text(
+            "index\tquestion\thint\tA\tB\tC\tD\tanswer\tcategory\timage\n" + "\n".join(rows) + "\n"
+        )
+        return "mmbench", path, {}
+    seed = {"questions": [
+        {"question_id": f"s{i}", "question": "Which?", "choice_a": "x", "choice_b": "y", "choice_c": "z", "choice_d": "w",
+         "answer": "A", "data_id": "photo.jpg", "data_type": "image", "question_type_id": 1}
+        for i in range(3)
+    ], "question_type": {"Scene": 1}}  # fmt: skip
+    path = tmp_path / "seed.json"
+    path.write_text(json.dumps(seed))
+    return "seed", path, {}
+
+
+@pytest.mark.parametrize(
+    "kind, count", [("pope", 4), ("aokvqa", 3), ("aokvqa-mc", 3), ("mmbench", 6), ("seed", 3)]
+)
+def test_official_formats_end_to_end(engine, tmp_path, kind, count):
+    shutil.copy(FIXTURES / "photo.jpg", tmp_path / "photo.jpg")
+    benchmark, data, extra = _official_fixture(kind, tmp_path)
+    settings = EvalSettings(
+        benchmark, data, out=tmp_path / "run", media_root=tmp_path, max_new_tokens=2, **extra
+    )
+    scores = run_eval(engine, settings, progress=False)
+    assert scores["n"] == count and scores["answered"] == count and scores["errors"] == 0
+    assert scores["official"] == (kind != "aokvqa-mc")
+    headline = {"pope": "f1", "mmbench": "circular_accuracy"}.get(benchmark, "accuracy")
+    assert 0.0 <= scores["metrics"][headline] <= 100.0
+    if kind == "aokvqa":
+        assert scores["metrics"]["scored"] == 2  # the difficult direct-answer question is left out
