@@ -91,3 +91,21 @@ def prompt_inputs(processor, fixtures_dir, variant):
         {"type": "text", "text": "Hi?"},
     ]
     return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
+
+def assert_converted_matches(model, reference, inputs, directory) -> None:
+    """A converted model against the one assembled by hand: equal logits and greedy tokens, and a
+    ``save_pretrained`` / ``from_pretrained`` round trip (of ``directory``) that changes nothing."""
+    import torch
+
+    from unimoe import UniMoeForConditionalGeneration
+
+    greedy = dict(max_new_tokens=6, do_sample=False)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, reference(**inputs).logits, rtol=0, atol=0)
+        generated = model.generate(**inputs, **greedy)
+        assert torch.equal(generated, reference.generate(**inputs, **greedy))
+        loaded = UniMoeForConditionalGeneration.from_pretrained(directory).eval()
+        assert torch.equal(loaded.generate(**inputs, **greedy), generated)
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key

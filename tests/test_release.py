@@ -11,6 +11,7 @@ import json
 import pytest
 import torch
 from release_layout import (
+    assert_converted_matches,
     prompt_inputs,
     release_config,
     release_key,
@@ -122,16 +123,9 @@ def test_converted_release_equals_the_model_assembled_by_hand(variant, tmp_path,
     for key, value in reference.state_dict().items():
         if key != "model.speech_connector.decoder.embed_tokens.weight":  # never read
             assert torch.equal(model.state_dict()[key], value), key
-    inputs = prompt_inputs(processor, fixtures_dir, variant)
-    with torch.no_grad():
-        torch.testing.assert_close(model(**inputs).logits, reference(**inputs).logits, rtol=0, atol=0)
-        greedy = dict(max_new_tokens=6, do_sample=False)
-        generated = model.generate(**inputs, **greedy)
-        assert torch.equal(generated, reference.generate(**inputs, **greedy))
-        loaded = UniMoeForConditionalGeneration.from_pretrained(tmp_path / "converted").eval()
-        assert torch.equal(loaded.generate(**inputs, **greedy), generated)
-    for key, value in model.state_dict().items():
-        assert torch.equal(loaded.state_dict()[key], value), key
+    assert_converted_matches(
+        model, reference, prompt_inputs(processor, fixtures_dir, variant), tmp_path / "converted"
+    )
 
 
 def test_batched_generation_on_a_converted_model_equals_one_by_one(tmp_path, fixtures_dir):

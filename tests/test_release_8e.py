@@ -13,6 +13,7 @@ import json
 import pytest
 import torch
 from release_layout import (
+    assert_converted_matches,
     prompt_inputs,
     release_config,
     release_key,
@@ -168,16 +169,9 @@ def test_8_expert_release_with_expert_lora_kept(release_8e, tmp_path, fixtures_d
     for key, value in reference.state_dict().items():
         if key != "model.speech_connector.decoder.embed_tokens.weight":  # never read
             assert torch.equal(model.state_dict()[key], value), key
-    inputs = prompt_inputs(processor, fixtures_dir, "speech")
-    greedy = dict(max_new_tokens=6, do_sample=False)
-    with torch.no_grad():
-        torch.testing.assert_close(model(**inputs).logits, reference(**inputs).logits, rtol=0, atol=0)
-        generated = model.generate(**inputs, **greedy)
-        assert torch.equal(generated, reference.generate(**inputs, **greedy))
-        loaded = UniMoeForConditionalGeneration.from_pretrained(tmp_path / "converted").eval()
-        assert torch.equal(loaded.generate(**inputs, **greedy), generated)
-    for key, value in model.state_dict().items():
-        assert torch.equal(loaded.state_dict()[key], value), key
+    assert_converted_matches(
+        model, reference, prompt_inputs(processor, fixtures_dir, "speech"), tmp_path / "converted"
+    )
 
 
 def test_8_expert_release_with_expert_lora_merged_by_the_command(release_8e, tmp_path, fixtures_dir):
