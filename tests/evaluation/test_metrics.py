@@ -136,3 +136,12 @@ def test_open_answer_exact_match():
     assert exact_match("Yes.", "yes")
     assert exact_match("A dog  barks!", ["a cat meows", "a dog barks"])
     assert not exact_match("dogs", "dog")
+
+
+def test_pope_lmms_eval_rule_reads_only_exact_yes():
+    predictions = ["Yes, there is a dog.", "yes", "No", " YES "]
+    labels = ["yes", "yes", "no", "no"]
+    official = pope_metrics(predictions, labels)
+    lmms = pope_metrics(predictions, labels, rule="lmms-eval")
+    assert official["yes_ratio"] == 0.75 and official["accuracy"] == 0.75  # said yes: T T F T
+    assert lmms["yes_ratio"] == 0.5 and lmms["accuracy"] == 0.5  # said yes: F T F T

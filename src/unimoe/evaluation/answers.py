@@ -6,6 +6,7 @@
 * POPE (``evaluate.py``): the first sentence is kept (text before the first ``.``), commas removed, split
   on spaces; the answer is "no" only if a word is exactly ``No``, ``no`` or ``not``, and "yes" otherwise
   (including "NO", "Nope" and empty text). Reported: accuracy, precision, recall, F1, yes-ratio.
+  lmms-eval's alternative reads "yes" only for exactly "yes".
 * ClothoAQA: exact match after lower-casing and removing punctuation, reported separately for yes/no
   questions (ground truth "yes" or "no") and open ones.
 """
@@ -29,10 +30,17 @@ def pope_says_no(text: str) -> bool:
     return "No" in words or "not" in words or "no" in words
 
 
-def pope_metrics(predictions: Sequence[str], labels: Sequence[str]) -> dict[str, float]:
+def pope_metrics(
+    predictions: Sequence[str], labels: Sequence[str], rule: str = "pope-official"
+) -> dict[str, float]:
     """POPE's numbers for one split; ``labels`` are "yes"/"no". A ratio with a zero denominator
-    (where the official script divides by zero) is reported as 0."""
-    said_yes = [not pope_says_no(p) for p in predictions]
+    (where the official script divides by zero) is reported as 0. Rule ``lmms-eval``: an answer is
+    "yes" only if, lower-cased and stripped, it is exactly "yes" (lmms-eval's POPE task), so "Yes,
+    there is." counts as "no"."""
+    if rule == "lmms-eval":
+        said_yes = [p.strip().lower() == "yes" for p in predictions]
+    else:
+        said_yes = [not pope_says_no(p) for p in predictions]
     truth_yes = [label.strip().lower() == "yes" for label in labels]
     tp = sum(p and t for p, t in zip(said_yes, truth_yes, strict=True))
     tn = sum(not p and not t for p, t in zip(said_yes, truth_yes))

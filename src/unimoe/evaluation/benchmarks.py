@@ -97,7 +97,7 @@ def score_pope(targets, predictions, rule):
         out.update(
             {
                 f"{split}/{k}": 100 * v if k != "yes_ratio" else v
-                for k, v in pope_metrics(preds, labels).items()
+                for k, v in pope_metrics(preds, labels, rule).items()
             }
         )
     out["accuracy"] = _mean([out[f"{s}/accuracy"] for s in splits])
@@ -174,7 +174,15 @@ def _benchmarks() -> dict[str, Benchmark]:
             greedy=True,
             paper="A-OKVQA",
         ),
-        Benchmark("pope", "image", score_pope, ("pope-official",), greedy=True, paper="POPE", headline="f1"),
+        Benchmark(
+            "pope",
+            "image",
+            score_pope,
+            ("pope-official", "lmms-eval"),
+            greedy=True,
+            paper="POPE",
+            headline="f1",
+        ),
         Benchmark(
             "mmbench",
             "image",
