@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from unimoe.errors import UniMoeConfigError
 from unimoe.evaluation.formats import load_mmbench, load_pope, load_seed, load_vqa, rotate_options
 from unimoe.evaluation.runner import EvalSettings, run_eval, score_only
 from unimoe.inference import UniMoeEngine
@@ -144,6 +145,9 @@ def test_eval_vqa_resumes_to_the_same_scores(engine, tmp_path, media):
     second = run_eval(engine, settings, progress=False)
     assert second["metrics"] == first["metrics"]
     assert (tmp_path / "run" / "predictions.jsonl").read_text().splitlines() == lines
+    settings.max_new_tokens = 5  # other generation settings: not mixed into the same predictions
+    with pytest.raises(UniMoeConfigError, match="max_new_tokens|generation"):
+        run_eval(engine, settings, progress=False)
 
 
 def test_bad_media_is_counted_and_the_run_goes_on(engine, tmp_path, media):

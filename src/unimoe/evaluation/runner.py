@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 PREDICTIONS = "predictions.jsonl"
 SCORES = "scores.json"
+RUN = "run.json"
 _SUFFIXES = (SHORT_ANSWER, LETTER_ANSWER)
 
 
@@ -132,6 +133,13 @@ def run_eval(engine, settings: EvalSettings, progress: bool = True) -> dict[str,
     out.mkdir(parents=True, exist_ok=True)
     items = load_items(settings)
     params = generation_params(settings)
+    example = params({"id": ""})
+    generation = {
+        "max_new_tokens": example.max_new_tokens,
+        "temperature": example.temperature,
+        "top_p": example.top_p,
+    }
+    _check_resumable(out, settings, generation, getattr(engine, "name", None))
     summary = answer_records(
         engine,
         (item["record"] for item in items),
@@ -148,15 +156,32 @@ def run_eval(engine, settings: EvalSettings, progress: bool = True) -> dict[str,
         summary.failed,
         summary.skipped,
     )
-    example = params({"id": ""})
-    generation = {
-        "max_new_tokens": example.max_new_tokens,
-        "temperature": example.temperature,
-        "top_p": example.top_p,
-    }
     scores = score_items(settings, items, read_predictions(out / PREDICTIONS), generation)
     (out / SCORES).write_text(json.dumps(scores, indent=2, ensure_ascii=False) + "\n")
     return scores
+
+
+def _check_resumable(out: Path, settings: EvalSettings, generation: dict, model: str | None) -> None:
+    """Records what the predictions in ``out`` are made with (``run.json``); a rerun that would
+    generate differently must use a new folder, so no file mixes two settings."""
+    made_with = {
+        "benchmark": settings.benchmark,
+        "data": str(settings.data),
+        "model": model,
+        "generation": generation,
+        "seed": settings.seed,
+        "prompt_suffix": settings.prompt_suffix,
+        "circular": settings.circular,
+    }
+    record = out / RUN
+    if record.is_file() and (out / PREDICTIONS).is_file():
+        before = json.loads(record.read_text())
+        changed = sorted(k for k in made_with if before.get(k) != made_with[k])
+        if changed:
+            raise UniMoeConfigError(
+                f"{out} holds predictions made with other settings ({', '.join(changed)}); choose a new --out"
+            )
+    record.write_text(json.dumps(made_with, indent=2) + "\n")
 
 
 def read_predictions(
