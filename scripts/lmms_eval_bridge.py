@@ -131,9 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     logged = [json.loads(line) for line in samples[0].read_text().splitlines() if line.strip()]
     engine = UniMoeEngine.load("tiny")
     rows, same = [], 0
-    for sample in sorted(logged, key=lambda s: s["doc"]["question_id"]):
-        doc = sample["doc"]
-        answer = sample["resps"][0][0] if isinstance(sample["resps"][0], list) else sample["resps"][0]
+    for sample in sorted(logged, key=lambda s: s["doc_id"]):
+        doc = docs[sample["doc_id"]]
+        answer = sample["filtered_resps"]
+        answer = answer[0] if isinstance(answer, list) else answer
         content = [
             {"type": "image", "path": doc["image"]},
             {"type": "text", "text": doc["question"] + SUFFIX},
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             [[{"role": "user", "content": content}]], GenerationParams(max_new_tokens=8)
         )[0].text
         same += answer == expected
-        rows.append((doc["question_id"], answer, expected))
+        rows.append((doc["question_id"], repr(answer), repr(expected)))
     print("question  lmms-eval answer  engine answer")
     for row in rows:
         print(*row, sep="  |  ")
