@@ -1,6 +1,6 @@
 """The ``unimoe`` command: one entry point, a subcommand per job.
 
-``unimoe demo | convert | train | upcycle | data {synth,check} | chat | generate | serve | eval``; each subcommand is a
+``unimoe demo | convert | train | upcycle | data {synth,check} | chat | generate | serve | eval | web``; each subcommand is a
 thin adapter over a package function.
 """
 
@@ -11,7 +11,7 @@ import json
 import logging
 import sys
 
-from .cli_inference import add_eval_command, add_inference_commands
+from .cli_inference import add_eval_command, add_inference_commands, add_web_command
 from .cli_training import add_training_commands, run_command
 
 
@@ -111,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_synth_command(data_subparsers)
     add_inference_commands(subparsers)
     add_eval_command(subparsers)
+    add_web_command(subparsers)
     return parser
 
 

@@ -180,6 +180,39 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_web(args: argparse.Namespace) -> int:
+    """``unimoe web``."""
+    from pathlib import Path
+
+    from .inference.web import WebSettings, serve_web
+
+    settings = WebSettings(
+        host=args.host,
+        port=args.port,
+        max_upload_mb=args.max_upload_mb,
+        max_batch_size=args.max_batch_size,
+        examples=Path(args.examples) if args.examples else None,
+        media_root=Path(args.media_root) if args.media_root else None,
+    )
+    serve_web(_engine(args), settings)
+    return 0
+
+
+def add_web_command(subparsers) -> None:
+    """Registers ``web``."""
+    web = subparsers.add_parser("web", help="a chat page in the browser (Gradio; pip install unimoe[web])")
+    _add_model_args(web)
+    web.add_argument(
+        "--host", default="127.0.0.1", help="bind address (default: 127.0.0.1; 0.0.0.0 exposes it)"
+    )
+    web.add_argument("--port", type=int, default=7860)
+    web.add_argument("--examples", help="release-format records whose media become one-click examples")
+    web.add_argument("--media-root", help="folder the examples' media paths are under (default: theirs)")
+    web.add_argument("--max-upload-mb", type=float, default=25.0)
+    web.add_argument("--max-batch-size", type=int, default=8)
+    web.set_defaults(func=run_web)
+
+
 def add_eval_command(subparsers) -> None:
     """Registers ``eval``."""
     from .evaluation.benchmarks import BENCHMARKS

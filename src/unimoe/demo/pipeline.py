@@ -313,4 +313,6 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
     print("Chat with the result:")
     print(f"  .venv/bin/unimoe chat --model {final}")
     print(f"  .venv/bin/unimoe serve --model {final} --media-root {data_dir}")
+    print("Or in the browser (then open http://127.0.0.1:7860):")
+    print(f"  .venv/bin/unimoe web --model {final} --examples {data_dir / 'heldout.json'}")
     return report

@@ -148,10 +148,12 @@ class UniMoeEngine:
         self,
         samples: Sequence[EncodedSample],
         params: GenerationParams | Sequence[GenerationParams] | None = None,
+        streamer=None,
     ) -> list[Result]:
-        """Answers already encoded prompts in one batch."""
+        """Answers already encoded prompts in one batch. ``streamer``: a transformers streamer that
+        receives the prompt ids, then each step's new token per row (``[rows]``)."""
         rows = self._row_params(params, len(samples))
-        return self._run(list(samples), rows)
+        return self._run(list(samples), rows, streamer)
 
     def stream(
         self,
@@ -228,39 +230,22 @@ class UniMoeEngine:
         return results
 
 
-_END = object()
+class DeltaStream(Iterator[str]):
+    """Iterator of the text deltas of one answer whose producer puts, on ``queue``: tensors of new
+    token ids, then the final ``Result`` (or an exception), then ``END``.
 
-
-class TextStream(Iterator[str]):
-    """Iterator of text deltas for one answer, generated in a background thread.
-
-    ``result`` holds the final ``Result`` once the iterator is exhausted; ``close()`` stops the
-    generation early.
+    ``result`` holds the final ``Result`` once the iterator is exhausted.
     """
 
-    def __init__(self, engine: UniMoeEngine, sample: EncodedSample, params: GenerationParams):
+    def __init__(self, engine: UniMoeEngine, params: GenerationParams):
         self.result: Result | None = None
-        self._engine = engine
-        self._params = params
-        self._queue: queue.Queue = queue.Queue()
-        self._cancel = threading.Event()
+        self.queue: queue.Queue = queue.Queue()
         self._detok = StreamDetokenizer(engine.processor.tokenizer, params.stop, engine.byte_ids)
         self._done = False
-        engine.token_limits([sample], [params])  # raise on a too-long prompt before the thread starts
-        self._thread = threading.Thread(target=self._work, args=(sample,), daemon=True)
-        self._thread.start()
-
-    def _work(self, sample: EncodedSample) -> None:
-        try:
-            results = self._engine._run([sample], [self._params], _QueueStreamer(self._queue), self._cancel)
-            self._queue.put(results[0])
-        except Exception as exc:  # handed to the consumer, which re-raises it
-            self._queue.put(exc)
-        self._queue.put(_END)
 
     def __next__(self) -> str:
         while not self._done:
-            delta = self._take(self._queue.get())
+            delta = self._take(self.queue.get())
             if delta:
                 return delta
         raise StopIteration
@@ -278,24 +263,57 @@ class TextStream(Iterator[str]):
         return ""
 
     def close(self) -> None:
+        """Stops reading; the answer's producer finishes on its own."""
+        self._done = True
+
+
+END = object()
+
+
+class TextStream(DeltaStream):
+    """The text deltas of one answer, generated alone in a background thread; ``close()`` stops the
+    generation early."""
+
+    def __init__(self, engine: UniMoeEngine, sample: EncodedSample, params: GenerationParams):
+        super().__init__(engine, params)
+        self._engine = engine
+        self._params = params
+        self._cancel = threading.Event()
+        engine.token_limits([sample], [params])  # raise on a too-long prompt before the thread starts
+        self._thread = threading.Thread(target=self._work, args=(sample,), daemon=True)
+        self._thread.start()
+
+    def _work(self, sample: EncodedSample) -> None:
+        try:
+            results = self._engine._run([sample], [self._params], RowStreamer([self.queue]), self._cancel)
+            self.queue.put(results[0])
+        except Exception as exc:  # handed to the consumer, which re-raises it
+            self.queue.put(exc)
+        self.queue.put(END)
+
+    def close(self) -> None:
         """Stops generation (if still running) and waits for the worker thread."""
         self._cancel.set()
-        self._done = True
+        super().close()
         self._thread.join()
 
 
-class _QueueStreamer(BaseStreamer):
-    """A ``generate`` streamer that forwards new token ids to a queue, skipping the prompt."""
+class RowStreamer(BaseStreamer):
+    """A ``generate`` streamer that hands each row's new token ids to that row's queue (``None``: a
+    row nobody streams), skipping the prompt."""
 
-    def __init__(self, sink: queue.Queue):
-        self._sink = sink
+    def __init__(self, sinks: Sequence[queue.Queue | None]):
+        self._sinks = list(sinks)
         self._prompt_seen = False
 
     def put(self, value: torch.Tensor) -> None:
         if not self._prompt_seen:
             self._prompt_seen = True
             return
-        self._sink.put(value.detach().cpu())
+        tokens = value.detach().cpu().view(len(self._sinks), -1)  # [rows, new]
+        for sink, row in zip(self._sinks, tokens):
+            if sink is not None:
+                sink.put(row)
 
     def end(self) -> None:
         """Nothing to flush: the final text comes with the result."""

@@ -20,7 +20,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from ..processing.processor import EncodedSample
-from .engine import GenerationParams, UniMoeEngine
+from .engine import END, DeltaStream, GenerationParams, RowStreamer, UniMoeEngine
 
 
 class QueueFullError(RuntimeError):
@@ -32,6 +32,7 @@ class _Job:
     sample: EncodedSample
     params: GenerationParams
     future: Future = field(default_factory=Future)
+    sink: queue.Queue | None = None  # a streamed job's token queue
 
 
 class BatchScheduler:
@@ -76,7 +77,17 @@ class BatchScheduler:
 
         Raises ``QueueFullError`` when the queue is full.
         """
-        job = _Job(sample, params)
+        return self._put(_Job(sample, params))
+
+    def stream(self, sample: EncodedSample, params: GenerationParams) -> DeltaStream:
+        """Queues an encoded prompt whose answer streams: the returned iterator yields text deltas
+        as the batch it joins decodes (other requests share that batch). Raises ``QueueFullError``."""
+        self.engine.token_limits([sample], [params])  # a too-long prompt fails here, not in a batch
+        stream = DeltaStream(self.engine, params)
+        self._put(_Job(sample, params, sink=stream.queue))
+        return stream
+
+    def _put(self, job: _Job) -> Future:
         try:
             self._queue.put_nowait(job)
         except queue.Full:
@@ -110,20 +121,39 @@ class BatchScheduler:
 
     def _run(self, batch: list[_Job]) -> None:
         """Runs a batch; if it fails, runs its requests one by one so only a bad one fails."""
+        sinks = [j.sink for j in batch]
+        streaming = {"streamer": RowStreamer(sinks)} if any(s is not None for s in sinks) else {}
         try:
-            results = self.engine.generate_encoded([j.sample for j in batch], [j.params for j in batch])
+            results = self.engine.generate_encoded(
+                [j.sample for j in batch], [j.params for j in batch], **streaming
+            )
         except Exception as exc:  # every failure must reach the waiting requests, never kill the worker
             if len(batch) == 1:
-                batch[0].future.set_exception(exc)
+                self._fail(batch[0], exc)
                 return
             for job in batch:
                 self._run_one(job)
             return
         for job, result in zip(batch, results):
-            job.future.set_result(result)
+            self._finish(job, result)
 
     def _run_one(self, job: _Job) -> None:
+        """A request alone (after its batch failed); a streamed one gets its whole answer at the end."""
         try:
-            job.future.set_result(self.engine.generate_encoded([job.sample], [job.params])[0])
+            self._finish(job, self.engine.generate_encoded([job.sample], [job.params])[0])
         except Exception as exc:  # see _run
-            job.future.set_exception(exc)
+            self._fail(job, exc)
+
+    @staticmethod
+    def _finish(job: _Job, result) -> None:
+        job.future.set_result(result)
+        if job.sink is not None:
+            job.sink.put(result)
+            job.sink.put(END)
+
+    @staticmethod
+    def _fail(job: _Job, exc: Exception) -> None:
+        job.future.set_exception(exc)
+        if job.sink is not None:
+            job.sink.put(exc)
+            job.sink.put(END)
