@@ -1,5 +1,6 @@
 """``unimoe web``: the page's functions against the engine, and the page itself in headless Chromium."""
 
+import json
 import threading
 from pathlib import Path
 
@@ -148,7 +149,7 @@ def test_examples_from_release_records(tmp_path):
         {"task": "t1", "image": "b.jpg", "conversations": [{"from": "human", "value": "<image>\nShape?"}]},
         {"task": "t2", "speech": ["s.wav"], "conversations": [{"from": "human", "value": "<speech>\nWord?"}]},
     ]
-    (tmp_path / "heldout.json").write_text(__import__("json").dumps(records))
+    (tmp_path / "heldout.json").write_text(json.dumps(records))
     examples = example_messages(tmp_path / "heldout.json", None, limit=6)
     assert examples == [
         {"text": "<image>\nShape?", "files": [str(tmp_path / "a.jpg")]},
