@@ -39,11 +39,15 @@ def processor():
 
 
 def _plant_problems(data_dir: Path, target: Path) -> list[dict]:
-    """Copies the records with a corrupt image, a missing wav, a placeholder mismatch and malformed entries."""
+    """Copies the records with a corrupt image, a missing wav, a cut-short wav, a placeholder mismatch and
+    malformed entries."""
     records = json.loads((data_dir / "train.json").read_text())
     (target / "broken.png").write_bytes(b"\x89PNG not really")
     records[0] = {**records[0], "image": str(target / "broken.png")}
     records[2] = {**records[2], "speech": ["media/speech/does-not-exist.wav"]}
+    wav = (data_dir / records[3]["speech"][0]).read_bytes()
+    (target / "cut.wav").write_bytes(wav[: len(wav) // 2])  # a WAV cut short: its header says more
+    records[3] = {**records[3], "speech": [str(target / "cut.wav")]}
     mismatch = {**records[1], "id": "mismatch"}
     mismatch["conversations"] = [
         {"from": "human", "value": "<image>\n<image>\nTwo?"},
@@ -74,14 +78,16 @@ def test_bad_samples_are_skipped_and_counted(data_dir: Path, tmp_path: Path, pro
     assert [s.record_id for s in skipped] == [
         "train-image_shape-00000",
         "train-speech_word-00000",
+        "train-speech_word-00001",
         "mismatch",
         "no-conversations",
         "data.json[8]",
     ]
     assert "cannot decode image" in skipped[0].reason and "not found" in skipped[1].reason
+    assert "cut.wav is cut short" in skipped[2].reason
     batch = Collator(processor)(items[:4])
-    assert batch.num_samples == 2 and len(batch.skipped) == 2 and not batch.filler
-    assert batch.inputs["input_ids"].shape[0] == 2
+    assert batch.num_samples == 1 and len(batch.skipped) == 3 and not batch.filler
+    assert batch.inputs["input_ids"].shape[0] == 1
     filler = Collator(processor)([items[0], items[-1]])
     assert filler.filler and filler.num_samples == 0 and filler.target_tokens == 0
     assert (filler.inputs["labels"] == IGNORE_INDEX).all()
@@ -143,18 +149,18 @@ def test_data_check_reports_every_planted_problem(data_dir: Path, tmp_path: Path
     path = tmp_path / "planted.json"
     path.write_text(json.dumps(records))
     report = check_data(path, data_dir, processor=processor)
-    assert report.records == 9 and report.bad_records == 5 and not report.ok
+    assert report.records == 9 and report.bad_records == 6 and not report.ok
     assert report.counts == {
         "malformed": 2,
         "placeholder_mismatch": 1,
         "missing_media": 1,
-        "unreadable_media": 1,
+        "unreadable_media": 2,
         "too_long": 0,
     }
     assert report.examples["missing_media"][0].startswith("train-speech_word-00000: speech file not found")
     assert cli_main(["data", "check", str(path), "--media-root", str(data_dir)]) == 1
     out = capsys.readouterr().out
-    assert "9 records, 5 with problems" in out and "unreadable_media: 1" in out
+    assert "9 records, 6 with problems" in out and "unreadable_media: 2" in out
     assert cli_main(["data", "check", str(data_dir / "train.json")]) == 0
     limit = processor.settings.max_length
     processor.settings.max_length = 40

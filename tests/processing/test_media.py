@@ -159,10 +159,30 @@ def test_load_video_without_frame_count_in_container(fixtures_dir, tmp_path):
     np.testing.assert_allclose([luma(f) for f in load_video(remuxed)], expected, atol=0.5)
 
 
-def test_load_video_when_the_container_overstates_its_frames(fixtures_dir, monkeypatch):
-    monkeypatch.setattr(media, "_video_frame_count", lambda path: 40)
-    frames = load_video(fixtures_dir / "clip.mp4", num_frames=8)
-    np.testing.assert_allclose([luma(f) for f in frames], frame_indices(20, 8) * 255 / 219 * 10, atol=2.0)
+def test_video_whose_listed_frames_do_not_decode_is_refused(fixtures_dir, monkeypatch):
+    monkeypatch.setattr(media, "_video_frame_count", lambda path: 40)  # 20 frames decode
+    with pytest.raises(UniMoeInputError, match="clip.mp4 lists 40 frames but only 20 decode"):
+        load_video(fixtures_dir / "clip.mp4", num_frames=8)
+
+
+def test_mp4_cut_short_is_refused(fixtures_dir, tmp_path):
+    # moov (the frame list) first, then the data cut: the last frames cannot be decoded
+    fast = tmp_path / "fast.mp4"
+    with (
+        av.open(str(fixtures_dir / "clip_noaudio.mp4")) as source,
+        av.open(str(fast), "w", options={"movflags": "faststart"}) as target,
+    ):
+        stream = target.add_stream_from_template(source.streams.video[0])
+        for packet in source.demux(source.streams.video[0]):
+            if packet.dts is not None:
+                packet.stream = stream
+                target.mux(packet)
+    data = fast.read_bytes()
+    assert data.find(b"moov") < data.find(b"mdat")
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(data[: int(len(data) * 0.95)])
+    with pytest.raises(UniMoeInputError, match="cut.mp4"):
+        load_video(cut)
 
 
 def test_load_video_from_a_frame_list(fixtures_dir, tmp_path):
@@ -208,10 +228,7 @@ LOADERS = {".jpg": load_image, ".wav": load_audio, ".mp4": load_video}
 
 
 BAD_FILES = [
-    (make, suffix)
-    for make in (_corrupt, _empty, _truncated, _unknown_format)
-    for suffix in sorted(LOADERS)
-    if (make, suffix) != (_truncated, ".wav")  # see test_truncated_pcm_wav_decodes_its_prefix
+    (make, suffix) for make in (_corrupt, _empty, _truncated, _unknown_format) for suffix in sorted(LOADERS)
 ]
 
 
@@ -232,12 +249,30 @@ def test_truncated_compressed_audio_raises_input_error(tmp_path, fixtures_dir, n
         load_audio(path)
 
 
-def test_truncated_pcm_wav_decodes_its_prefix(tmp_path, fixtures_dir):
-    # Raw PCM has no framing to detect a cut: like every decoder, we return the samples present.
+def test_wav_cut_short_is_refused(tmp_path, fixtures_dir):
+    # libsndfile returns the samples present; the data chunk's size says how many there should be
     data = (fixtures_dir / "speech.wav").read_bytes()
+    declared = len(load_audio(fixtures_dir / "speech.wav"))
     path = tmp_path / "cut.wav"
     path.write_bytes(data[: 44 + 2 * 8000])  # the header and the first 8000 samples
-    np.testing.assert_array_equal(load_audio(path), load_audio(fixtures_dir / "speech.wav")[:8000])
+    with pytest.raises(
+        UniMoeInputError, match=f"cut.wav is cut short: its header declares {declared} frames, it holds 8000"
+    ):
+        load_audio(path)
+    with pytest.raises(UniMoeInputError, match="bytes of audio data> is cut short"):
+        load_audio(path.read_bytes())
+
+
+def test_wav_with_unset_or_generous_sizes_loads(tmp_path, fixtures_dir):
+    data = bytearray((fixtures_dir / "speech.wav").read_bytes())
+    full = load_audio(fixtures_dir / "speech.wav")
+    assert data[36:40] == b"data"
+    streamed = bytearray(data)
+    streamed[40:44] = (0xFFFFFFFF).to_bytes(4, "little")  # a streamed file: size unknown
+    (tmp_path / "streamed.wav").write_bytes(streamed)
+    np.testing.assert_array_equal(load_audio(tmp_path / "streamed.wav"), full)
+    (tmp_path / "padded.wav").write_bytes(bytes(data) + b"\0" * 64)  # bytes after the data chunk
+    np.testing.assert_array_equal(load_audio(tmp_path / "padded.wav"), full)
 
 
 @pytest.mark.parametrize("loader", [load_image, load_audio, load_video, load_video_audio])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import struct
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -95,18 +96,46 @@ def _decode_av_audio(container: av.container.InputContainer) -> tuple[np.ndarray
     return np.concatenate(parts, axis=1).T, rate
 
 
-def _read_audio_file(src: PathLike | bytes) -> tuple[np.ndarray, int, str]:
-    """Decoded audio as float32 [samples, channels], its sampling rate and a name for messages."""
-    if isinstance(src, bytes):
-        name, file = f"<{len(src)} bytes of audio data>", io.BytesIO(src)
-    else:
-        path = _existing_file(src, "audio")
-        name, file = str(path), path
+def _wav_declared_frames(head: bytes) -> int | None:
+    """The frames a RIFF/RIFX WAVE header's data chunk declares (None: not WAVE, or a streamed file
+    whose size field is 0 or unset)."""
+    if head[:4] not in (b"RIFF", b"RIFX") or head[8:12] != b"WAVE":
+        return None
+    order = "<" if head[:4] == b"RIFF" else ">"
+    block_align, pos = None, 12
+    while pos + 8 <= len(head):
+        chunk, size = head[pos : pos + 4], struct.unpack(order + "I", head[pos + 4 : pos + 8])[0]
+        if chunk == b"fmt " and pos + 22 <= len(head):
+            block_align = struct.unpack(order + "H", head[pos + 20 : pos + 22])[0]
+        if chunk == b"data":
+            if not block_align or size in (0, 0xFFFFFFFF):
+                return None
+            return size // block_align
+        pos += 8 + size + (size & 1)
+    return None
+
+
+def _declared_frames(file: Path | io.BytesIO) -> int | None:
+    """The frames an audio file's header promises, where libsndfile reads its format: a WAVE data
+    chunk's size (libsndfile itself counts only the frames present), or the header's count (FLAC)."""
     try:
-        wave, rate = sf.read(file, dtype="float32", always_2d=True)
-        return wave, rate, name
-    except sf.SoundFileError:
-        pass  # not a format libsndfile reads (AAC, audio inside video containers, ...): try FFmpeg
+        info = sf.info(file)
+    except (sf.SoundFileError, RuntimeError):
+        return None
+    finally:
+        if isinstance(file, io.BytesIO):
+            file.seek(0)
+    if info.format in ("WAV", "WAVEX"):
+        if isinstance(file, io.BytesIO):
+            head = file.getvalue()[: 1 << 16]
+        else:
+            with open(file, "rb") as handle:
+                head = handle.read(1 << 16)
+        return _wav_declared_frames(head)
+    return info.frames if info.frames > 0 else None
+
+
+def _read_with_ffmpeg(file: Path | io.BytesIO, name: str) -> tuple[np.ndarray, int]:
     if isinstance(file, io.BytesIO):
         file.seek(0)
     try:
@@ -116,7 +145,29 @@ def _read_audio_file(src: PathLike | bytes) -> tuple[np.ndarray, int, str]:
         raise UniMoeInputError(f"cannot decode audio {name}: {exc}") from exc
     if decoded is None:
         raise UniMoeInputError(f"audio {name} has no audio stream")
-    return decoded[0], decoded[1], name
+    return decoded
+
+
+def _read_audio_file(src: PathLike | bytes) -> tuple[np.ndarray, int, str]:
+    """Decoded audio as float32 [samples, channels], its sampling rate and a name for messages. A file
+    that holds fewer frames than its header declares (cut short) is refused."""
+    if isinstance(src, bytes):
+        name, file = f"<{len(src)} bytes of audio data>", io.BytesIO(src)
+    else:
+        path = _existing_file(src, "audio")
+        name, file = str(path), path
+    declared = _declared_frames(file)
+    try:
+        wave, rate = sf.read(file, dtype="float32", always_2d=True)
+    except sf.SoundFileError:
+        # not a format libsndfile reads (AAC, audio inside video containers, ...), or one it cannot
+        # decode to the end: try FFmpeg
+        wave, rate = _read_with_ffmpeg(file, name)
+    if declared is not None and len(wave) < declared:
+        raise UniMoeInputError(
+            f"audio {name} is cut short: its header declares {declared} frames, it holds {len(wave)}"
+        )
+    return wave, rate, name
 
 
 def _finish_audio(wave: np.ndarray, rate: int, sampling_rate: int, name: str) -> np.ndarray:
@@ -217,9 +268,8 @@ def load_video(src: VideoSource, num_frames: int = 8) -> list[Image.Image]:
         picked, decoded = _decode_frames(path, wanted)
         if decoded == 0:
             raise UniMoeInputError(f"video {path} has no decodable frames")
-        if decoded < total:  # the container claimed more frames than it holds
-            wanted = frame_indices(decoded, num_frames)
-            picked, _ = _decode_frames(path, wanted)
+        if decoded < total:  # the container lists frames that do not decode: cut short or corrupt
+            raise UniMoeInputError(f"video {path} lists {total} frames but only {decoded} decode")
     except av.FFmpegError as exc:
         raise UniMoeInputError(f"cannot decode video {path}: {exc}") from exc
     return [picked[i] for i in wanted.tolist()]
