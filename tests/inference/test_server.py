@@ -178,6 +178,39 @@ def test_32_concurrent_requests_are_batched(client: openai.OpenAI, server: Simpl
     assert sum(sizes) == 32 and max(sizes) > 1
 
 
+def test_64_concurrent_requests_with_media_are_all_answered_right(
+    client: openai.OpenAI, server: SimpleNamespace
+) -> None:
+    """Many threads encode at once (one tokenizer, media decoding in parallel); every answer is the
+    one the engine gives that request alone."""
+    photo = image_part("data:image/jpeg;base64," + b64("photo.jpg"))
+
+    def content(i: int) -> list:
+        return [photo, {"type": "text", "text": f"Describe picture {i} in {i % 7 + 1} words, please."}]
+
+    def ask(i: int) -> str:
+        response = client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": content(i)}], max_tokens=4, temperature=0
+        )
+        return response.choices[0].message.content
+
+    with ThreadPoolExecutor(max_workers=64) as pool:
+        answers = list(pool.map(ask, range(64)))
+    for i, answer in enumerate(answers):
+        parts = [{"type": "image", "path": str(FIXTURES / "photo.jpg")}, content(i)[1]]
+        alone = server.engine.generate(
+            [[{"role": "user", "content": parts}]], GenerationParams(max_new_tokens=4)
+        )
+        assert answer == alone[0].text, i
+
+
+def test_processor_pickles_without_its_lock(server: SimpleNamespace) -> None:
+    import pickle
+
+    processor = pickle.loads(pickle.dumps(server.engine.processor))
+    assert processor._tokens("Hello there") == server.engine.processor._tokens("Hello there")
+
+
 BAD_REQUESTS = {
     "corrupt base64 image": {
         "messages": [{"role": "user", "content": [image_part("data:image/png;base64,%%not-base64%%")]}]

@@ -8,6 +8,7 @@ pads a batch. A sample is fully encoded before it joins a batch, so bad input ne
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import asdict, dataclass, field
 from importlib.resources import files
 from pathlib import Path
@@ -83,6 +84,7 @@ class UniMoeProcessor:
         settings: ProcessorSettings | None = None,
     ):
         self.tokenizer = tokenizer
+        self._tokenizer_lock = threading.Lock()
         self.image_processor = image_processor
         self.feature_extractor = feature_extractor or default_whisper_feature_extractor()
         self.settings = settings or ProcessorSettings()
@@ -191,7 +193,21 @@ class UniMoeProcessor:
     # encoding ----------------------------------------------------------------------------------
 
     def _tokens(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+        if not text:
+            return []
+        # a fast tokenizer's call sets its truncation and padding state: two threads calling it at
+        # once fail with "Already borrowed"
+        with self._tokenizer_lock:
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state.pop("_tokenizer_lock", None)  # locks do not pickle (data-loader workers)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._tokenizer_lock = threading.Lock()
 
     def encode_turns(
         self,
