@@ -95,6 +95,8 @@ def run_serve(args: argparse.Namespace) -> int:
         timeout=args.timeout,
         batch_window_ms=args.batch_window_ms,
         default_max_tokens=args.default_max_tokens,
+        batching=args.batching,
+        max_batch_tokens=args.max_batch_tokens,
     )
     serve(_engine(args), config)
     return 0
@@ -125,11 +127,22 @@ def add_inference_commands(subparsers) -> None:
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--media-root", default=None, help="folder that requests may read local media from")
     srv.add_argument("--allow-remote-media", action="store_true", help="let requests fetch http(s) media")
-    srv.add_argument("--max-batch-size", type=int, default=8)
+    srv.add_argument("--max-batch-size", type=int, default=8, help="rows decoded together")
+    srv.add_argument(
+        "--batching",
+        default="continuous",
+        choices=["continuous", "static"],
+        help="continuous: requests join and leave the batch at every step; static: whole batches",
+    )
+    srv.add_argument(
+        "--max-batch-tokens", type=int, default=16384, help="continuous: cached tokens per batch"
+    )
     srv.add_argument("--max-queue", type=int, default=64, help="waiting requests before answering 503")
     srv.add_argument("--max-request-bytes", type=int, default=32 * 1024 * 1024)
     srv.add_argument("--timeout", type=float, default=300.0, help="seconds per request before 504")
-    srv.add_argument("--batch-window-ms", type=float, default=5.0, help="wait for more requests per batch")
+    srv.add_argument(
+        "--batch-window-ms", type=float, default=5.0, help="static: wait for more requests per batch"
+    )
     srv.add_argument("--default-max-tokens", type=int, default=512, help="when a request sets none")
     srv.set_defaults(func=run_serve)
 

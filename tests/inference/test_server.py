@@ -174,8 +174,11 @@ def test_32_concurrent_requests_are_batched(client: openai.OpenAI, server: Simpl
     assert len(answers) == 32
     for i, answer in enumerate(answers):
         assert answer.usage.completion_tokens <= 4 + i % 5
-    sizes = server.service.scheduler.batch_sizes
-    assert sum(sizes) == 32 and max(sizes) > 1
+        params = GenerationParams(max_new_tokens=4 + i % 5, temperature=0 if i % 2 else 0.8, seed=i)
+        alone = server.engine.generate([[{"role": "user", "content": f"Question number {i}?"}]], params)[0]
+        assert answer.choices[0].message.content == alone.text, i  # as if it ran alone
+    sizes = server.service.scheduler.batch_sizes  # rows decoded per step (continuous batching)
+    assert max(sizes) > 1 and max(sizes) <= 8
 
 
 def test_64_concurrent_requests_with_media_are_all_answered_right(
@@ -333,7 +336,7 @@ class FakeEngine:
 
 def test_full_queue_answers_503_and_slow_answer_504() -> None:
     engine = FakeEngine()
-    app = create_app(engine, ServerConfig(max_batch_size=1, max_queue=1, timeout=0.5))
+    app = create_app(engine, ServerConfig(max_batch_size=1, max_queue=1, timeout=0.5, batching="static"))
     body = {"messages": [{"role": "user", "content": "hi"}]}
     with TestClient(app) as http, ThreadPoolExecutor(2) as pool:
         running = pool.submit(http.post, "/v1/chat/completions", json=body)

@@ -10,7 +10,7 @@ from web_browser import ask, bot_messages, browser_page, web_server
 
 from unimoe.errors import UniMoeInputError
 from unimoe.inference import GenerationParams, UniMoeEngine
-from unimoe.inference.scheduler import BatchScheduler
+from unimoe.inference.continuous import ContinuousBatcher
 from unimoe.inference.web import WebChat, chat_messages, user_content
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
@@ -27,7 +27,7 @@ def engine():
 
 @pytest.fixture(scope="module")
 def chat(engine):
-    scheduler = BatchScheduler(engine, max_batch_size=8, window_s=0.05)
+    scheduler = ContinuousBatcher(engine, max_rows=8)
     scheduler.start()
     yield WebChat(engine, scheduler)
     scheduler.stop()

@@ -240,6 +240,7 @@ class DeltaStream(Iterator[str]):
     def __init__(self, engine: UniMoeEngine, params: GenerationParams):
         self.result: Result | None = None
         self.queue: queue.Queue = queue.Queue()
+        self.closed = threading.Event()  # set by ``close``: the producer may stop early
         self._detok = StreamDetokenizer(engine.processor.tokenizer, params.stop, engine.byte_ids)
         self._done = False
 
@@ -263,7 +264,8 @@ class DeltaStream(Iterator[str]):
         return ""
 
     def close(self) -> None:
-        """Stops reading; the answer's producer finishes on its own."""
+        """Stops reading and tells the producer it may stop."""
+        self.closed.set()
         self._done = True
 
 

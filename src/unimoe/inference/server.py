@@ -1,8 +1,9 @@
 """An OpenAI-compatible HTTP server over ``UniMoeEngine`` (FastAPI + uvicorn).
 
 Routes: ``POST /v1/chat/completions`` (JSON or, with ``stream: true``, server-sent events),
-``GET /v1/models`` and ``GET /health``. Non-streaming requests are batched together by a
-``BatchScheduler``; streaming requests run one at a time between batches. Every error answers with an
+``GET /v1/models`` and ``GET /health``. Requests, streamed or not, share the decoding batch of a
+``ContinuousBatcher`` (joining and leaving at every step); with ``batching="static"`` a
+``BatchScheduler`` batches non-streaming requests whole and streams run one at a time between batches. Every error answers with an
 OpenAI-style body ``{"error": {"message", "type", "code"}}``: bad input 400, a body over the size
 limit 413, a full queue 503, a request over its time limit 504.
 
@@ -31,6 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import UniMoeInputError
 from ..processing.processor import EncodedSample
+from .continuous import ContinuousBatcher
 from .engine import TextStream, UniMoeEngine
 from .protocol import (
     ChatRequest,
@@ -60,6 +62,8 @@ class ServerConfig:
     timeout: float = 300.0
     batch_window_ms: float = 5.0
     default_max_tokens: int = 512
+    batching: str = "continuous"  # or "static": whole batches, as before continuous batching
+    max_batch_tokens: int = 16384
 
 
 class ApiError(Exception):
@@ -168,9 +172,16 @@ class ChatService:
         self.config = config
         root = Path(config.media_root) if config.media_root else None
         self.policy = MediaPolicy(root, config.allow_remote_media)
-        self.scheduler = BatchScheduler(
-            engine, config.max_batch_size, config.max_queue, config.batch_window_ms / 1000
-        )
+        if config.batching == "continuous":
+            self.scheduler = ContinuousBatcher(
+                engine, config.max_batch_size, config.max_batch_tokens, config.max_queue
+            )
+        elif config.batching == "static":
+            self.scheduler = BatchScheduler(
+                engine, config.max_batch_size, config.max_queue, config.batch_window_ms / 1000
+            )
+        else:
+            raise ValueError(f"batching must be 'continuous' or 'static', got {config.batching!r}")
         self.streams = _Slots(config.max_queue)
 
     def encode(self, chat: ChatRequest) -> EncodedSample:
@@ -200,7 +211,13 @@ class ChatService:
         if not self.streams.acquire():
             raise ApiError(503, "too many concurrent streams", "server_overloaded", "queue_full")
         try:
-            text_stream = self.engine.stream_encoded(sample, chat.params)
+            if isinstance(self.scheduler, ContinuousBatcher):  # streams share the decoding batch
+                text_stream = self.scheduler.stream(sample, chat.params)
+            else:
+                text_stream = self.engine.stream_encoded(sample, chat.params)
+        except QueueFullError as exc:
+            self.streams.release()
+            raise ApiError(503, str(exc), "server_overloaded", "queue_full") from exc
         except Exception:
             self.streams.release()
             raise

@@ -2,8 +2,8 @@
 
 Uploads (images, videos, audio files, microphone recordings) and text become one chat message; an
 audio file goes to the speech encoder (Whisper) or the audio encoder (BEATs) as the page's control
-says. Every request joins the engine's batches through a ``BatchScheduler``, so several users share
-each decoding batch, and replies stream token by token. A bad upload shows an error on the page and
+says. Every request joins the decoding batch of a ``ContinuousBatcher`` (as in ``unimoe serve``), so
+several users share each decoding step, and replies stream token by token. A bad upload shows an error on the page and
 nothing else changes. Uploads are kept in a temporary folder of the run and limited in size; the
 page binds to 127.0.0.1 unless told otherwise.
 
@@ -23,8 +23,9 @@ from typing import Any
 
 from ..errors import UniMoeInputError
 from ..modalities import MODALITIES, media_names, placeholder_pattern
+from .continuous import ContinuousBatcher
 from .engine import GenerationParams, UniMoeEngine
-from .scheduler import BatchScheduler, QueueFullError
+from .scheduler import QueueFullError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm"}
@@ -137,7 +138,7 @@ def chat_messages(message: dict, history: Sequence[dict], voice: str) -> list[di
 class WebChat:
     """The page's server side: one answer at a time per user, through the shared batch scheduler."""
 
-    def __init__(self, engine: UniMoeEngine, scheduler: BatchScheduler):
+    def __init__(self, engine: UniMoeEngine, scheduler: ContinuousBatcher):
         self.engine = engine
         self.scheduler = scheduler
 
@@ -190,7 +191,7 @@ def example_messages(path: Path, media_root: Path | None, limit: int) -> list[di
     return examples
 
 
-def build_app(engine: UniMoeEngine, scheduler: BatchScheduler, settings: WebSettings):
+def build_app(engine: UniMoeEngine, scheduler: ContinuousBatcher, settings: WebSettings):
     """The Gradio page."""
     import gradio as gr
 
@@ -248,7 +249,7 @@ def serve_web(engine: UniMoeEngine, settings: WebSettings) -> None:
     uploads = tempfile.TemporaryDirectory(prefix="unimoe-web-")
     os.environ["GRADIO_TEMP_DIR"] = uploads.name  # read when gradio is imported, below
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home
-    scheduler = BatchScheduler(engine, max_batch_size=settings.max_batch_size)
+    scheduler = ContinuousBatcher(engine, max_rows=settings.max_batch_size)
     scheduler.start()
     try:
         app = build_app(engine, scheduler, settings)
