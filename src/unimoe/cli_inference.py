@@ -97,6 +97,7 @@ def run_serve(args: argparse.Namespace) -> int:
         default_max_tokens=args.default_max_tokens,
         batching=args.batching,
         max_batch_tokens=args.max_batch_tokens,
+        worker_threads=args.worker_threads,
     )
     serve(_engine(args), config)
     return 0

@@ -28,7 +28,7 @@ from ..compat import cache_kwargs
 from ..processing.processor import EncodedSample
 from .decoding import RowSampler, finish_text, first_stop
 from .engine import END, DeltaStream, GenerationParams, Result, UniMoeEngine
-from .scheduler import QueueFullError
+from .scheduler import QueueFullError, worker_threads
 
 
 @dataclass
@@ -58,11 +58,17 @@ class ContinuousBatcher:
     """The step-level scheduler (module docstring); ``start`` runs its worker thread."""
 
     def __init__(
-        self, engine: UniMoeEngine, max_rows: int = 8, max_tokens: int = 16384, max_queue: int = 64
+        self,
+        engine: UniMoeEngine,
+        max_rows: int = 8,
+        max_tokens: int = 16384,
+        max_queue: int = 64,
+        threads: int | None = None,
     ) -> None:
         if max_rows < 1 or max_tokens < 1 or max_queue < 1:
             raise ValueError("max_rows, max_tokens and max_queue must be positive")
         self.engine = engine
+        self.threads = worker_threads(engine, threads)
         self.max_rows = max_rows
         self.max_tokens = max_tokens
         self._queue: queue.Queue[_Row | None] = queue.Queue(maxsize=max_queue)
@@ -115,6 +121,8 @@ class ContinuousBatcher:
         return row
 
     def _loop(self) -> None:
+        if self.threads:
+            torch.set_num_threads(self.threads)  # this thread's own OpenMP team
         while True:
             waiting = self._take_waiting(block=not self._rows)
             if waiting is None and not self._rows:
@@ -230,9 +238,12 @@ class ContinuousBatcher:
         self._retire()
 
     def _choose(self, rows: list[_Row], logits: torch.Tensor) -> torch.Tensor:
-        """Each row's next token, by its own sampler."""
-        picks = [row.sampler(None, logits[i : i + 1]).argmax(dim=-1) for i, row in enumerate(rows)]
-        return torch.cat(picks)
+        """Each row's next token: greedy rows by one argmax, the others by their own sampler."""
+        tokens = logits.argmax(dim=-1)  # [rows]
+        for i, row in enumerate(rows):
+            if row.params.temperature > 0 or row.params.ignore_eos:
+                tokens[i] = row.sampler(None, logits[i : i + 1]).argmax(dim=-1)[0]
+        return tokens
 
     def _record(self, rows: list[_Row], tokens: torch.Tensor) -> None:
         tokenizer = self.engine.processor.tokenizer

@@ -286,6 +286,11 @@ class TextStream(DeltaStream):
         self._thread.start()
 
     def _work(self, sample: EncodedSample) -> None:
+        from .scheduler import worker_threads  # see there: a worker thread's own OpenMP team
+
+        threads = worker_threads(self._engine, None)
+        if threads:
+            torch.set_num_threads(threads)
         try:
             results = self._engine._run([sample], [self._params], RowStreamer([self.queue]), self._cancel)
             self.queue.put(results[0])

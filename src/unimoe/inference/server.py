@@ -3,7 +3,7 @@
 Routes: ``POST /v1/chat/completions`` (JSON or, with ``stream: true``, server-sent events),
 ``GET /v1/models`` and ``GET /health``. Requests, streamed or not, share the decoding batch of a
 ``ContinuousBatcher`` (joining and leaving at every step); with ``batching="static"`` a
-``BatchScheduler`` batches non-streaming requests whole and streams run one at a time between batches. Every error answers with an
+``BatchScheduler`` gathers requests for a short window and runs each batch whole. Every error answers with an
 OpenAI-style body ``{"error": {"message", "type", "code"}}``: bad input 400, a body over the size
 limit 413, a full queue 503, a request over its time limit 504.
 
@@ -33,7 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..errors import UniMoeInputError
 from ..processing.processor import EncodedSample
 from .continuous import ContinuousBatcher
-from .engine import TextStream, UniMoeEngine
+from .engine import DeltaStream, UniMoeEngine
 from .protocol import (
     ChatRequest,
     MediaPolicy,
@@ -64,6 +64,7 @@ class ServerConfig:
     default_max_tokens: int = 512
     batching: str = "continuous"  # or "static": whole batches, as before continuous batching
     max_batch_tokens: int = 16384
+    worker_threads: int | None = None  # intra-op threads of the decoding thread (None: 1 on CPU)
 
 
 class ApiError(Exception):
@@ -120,7 +121,7 @@ def _sse(payload: Any) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-def sse_events(stream: TextStream, model: str, include_usage: bool, release) -> Iterator[str]:
+def sse_events(stream: DeltaStream, model: str, include_usage: bool, release) -> Iterator[str]:
     """Server-sent events of a streamed answer, ending with ``data: [DONE]``."""
     chunk_id, created = completion_id(), int(time.time())
     try:
@@ -174,11 +175,19 @@ class ChatService:
         self.policy = MediaPolicy(root, config.allow_remote_media)
         if config.batching == "continuous":
             self.scheduler = ContinuousBatcher(
-                engine, config.max_batch_size, config.max_batch_tokens, config.max_queue
+                engine,
+                config.max_batch_size,
+                config.max_batch_tokens,
+                config.max_queue,
+                config.worker_threads,
             )
         elif config.batching == "static":
             self.scheduler = BatchScheduler(
-                engine, config.max_batch_size, config.max_queue, config.batch_window_ms / 1000
+                engine,
+                config.max_batch_size,
+                config.max_queue,
+                config.batch_window_ms / 1000,
+                config.worker_threads,
             )
         else:
             raise ValueError(f"batching must be 'continuous' or 'static', got {config.batching!r}")
@@ -211,10 +220,7 @@ class ChatService:
         if not self.streams.acquire():
             raise ApiError(503, "too many concurrent streams", "server_overloaded", "queue_full")
         try:
-            if isinstance(self.scheduler, ContinuousBatcher):  # streams share the decoding batch
-                text_stream = self.scheduler.stream(sample, chat.params)
-            else:
-                text_stream = self.engine.stream_encoded(sample, chat.params)
+            text_stream = self.scheduler.stream(sample, chat.params)  # streams share the batches
         except QueueFullError as exc:
             self.streams.release()
             raise ApiError(503, str(exc), "server_overloaded", "queue_full") from exc
