@@ -1,10 +1,11 @@
 """Batch generation over a JSONL file, resumable: ``unimoe generate --input IN --output OUT``.
 
-Input lines are records in the release's data format (``{"id", "image", "video", "voice" / "speech" /
+Records decode with continuous batching (``unimoe.inference.continuous``). Input lines are records in
+the release's data format (``{"id", "image", "video", "voice" / "speech" /
 "audio", "conversations"}``, a trailing ``gpt`` turn ignored) or chat messages (``{"id",
 "messages"}``). Each output line is ``{"id", "text", "prompt_tokens", "completion_tokens",
 "finish_reason"}``, or ``{"id", "error"}`` for a record that could not be answered. Output is appended
-and flushed after every batch; a rerun skips the ids already in the output file.
+and flushed line by line, in input order; a rerun skips the ids already in the output file.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -122,11 +124,6 @@ def answer_batch(
     return [lines[i] for i in range(len(records))]
 
 
-def _batches(records: list[dict], size: int) -> Iterator[list[dict]]:
-    for start in range(0, len(records), size):
-        yield records[start : start + size]
-
-
 def run_batch(
     engine: UniMoeEngine,
     input_path: str | Path,
@@ -153,8 +150,15 @@ def answer_records(
     progress: bool = True,
     log: TextIO | None = None,
 ) -> BatchSummary:
-    """Answers every record (each with an ``id``) not yet in ``output_path``, appending to it and
-    flushing after every batch. ``params``: shared, or a function of the record."""
+    """Answers every record (each with an ``id``) not yet in ``output_path``, appending to it.
+    ``params``: shared, or a function of the record.
+
+    Records decode with continuous batching (up to ``batch_size`` rows; a finished row's place goes
+    to the next record at once) while the next records are encoded. Lines are written in input order,
+    each as soon as it and every line before it are done, and flushed.
+    """
+    from .continuous import ContinuousBatcher
+
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     done = finished_ids(output_path)
@@ -169,15 +173,46 @@ def answer_records(
         seen.add(key)
         todo.append(record)
     Path(output_path).parent.mkdir(parents=True, exist_ok=True)
+    ahead = 2 * batch_size  # records encoded and queued beyond those written
+    batcher = ContinuousBatcher(engine, max_rows=batch_size, max_queue=ahead + 1)
     bar = tqdm(total=len(todo), disable=not progress, unit="record", file=log or sys.stderr)
-    with open(output_path, "a", encoding="utf-8") as out, bar:
-        for batch in _batches(todo, batch_size):
-            rows = [params(r) for r in batch] if callable(params) else params
-            lines = answer_batch(engine, batch, rows, media_root)
-            out.write("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
+    pending: list[tuple[dict, Any, Future | dict]] = []  # input order: record, params, future or line
+
+    def write_ready(out, block: bool) -> None:
+        while pending:
+            record, rows, item = pending[0]
+            if isinstance(item, Future):
+                if not (block or item.done()):
+                    return
+                try:
+                    item = _answer(record["id"], item.result())
+                except UniMoeInputError as exc:
+                    item = _failure(record["id"], exc)
+                except RECOVERABLE:  # the shared batch failed (out of memory, ...): this record alone
+                    item = answer_batch(engine, [record], [rows], media_root)[0]
+            pending.pop(0)
+            out.write(json.dumps(item, ensure_ascii=False) + "\n")
             out.flush()
-            failed = sum("error" in line for line in lines)
+            failed = "error" in item
             summary.failed += failed
-            summary.answered += len(lines) - failed
-            bar.update(len(lines))
+            summary.answered += not failed
+            bar.update(1)
+
+    batcher.start()
+    try:
+        with open(output_path, "a", encoding="utf-8") as out, bar:
+            for record in todo:
+                rows = params(record) if callable(params) else params
+                if "error" in record:
+                    pending.append((record, rows, {"id": record["id"], "error": record["error"]}))
+                    continue
+                try:
+                    sample = engine.encode(conversation_of(record), media_root)
+                    pending.append((record, rows, batcher.submit(sample, rows)))
+                except RECOVERABLE as exc:
+                    pending.append((record, rows, _failure(record["id"], exc)))
+                write_ready(out, block=len(pending) > ahead)
+            write_ready(out, block=True)
+    finally:
+        batcher.stop()
     return summary
