@@ -154,8 +154,9 @@ def answer_records(
     ``params``: shared, or a function of the record.
 
     Records decode with continuous batching (up to ``batch_size`` rows; a finished row's place goes
-    to the next record at once) while the next records are encoded. Lines are written in input order,
-    each as soon as it and every line before it are done, and flushed.
+    to the next record at once), driven from this thread between encoding records (so the model keeps
+    this thread's intra-op threads). Lines are written in input order, each as soon as it and every
+    line before it are done, and flushed.
     """
     from .continuous import ContinuousBatcher
 
@@ -174,7 +175,7 @@ def answer_records(
         todo.append(record)
     Path(output_path).parent.mkdir(parents=True, exist_ok=True)
     ahead = 2 * batch_size  # records encoded and queued beyond those written
-    batcher = ContinuousBatcher(engine, max_rows=batch_size, max_queue=ahead + 1)
+    batcher = ContinuousBatcher(engine, max_rows=batch_size, max_queue=ahead + 2)
     bar = tqdm(total=len(todo), disable=not progress, unit="record", file=log or sys.stderr)
     pending: list[tuple[dict, Any, Future | dict]] = []  # input order: record, params, future or line
 
@@ -198,21 +199,21 @@ def answer_records(
             summary.answered += not failed
             bar.update(1)
 
-    batcher.start()
-    try:
-        with open(output_path, "a", encoding="utf-8") as out, bar:
-            for record in todo:
-                rows = params(record) if callable(params) else params
-                if "error" in record:
-                    pending.append((record, rows, {"id": record["id"], "error": record["error"]}))
-                    continue
+    with open(output_path, "a", encoding="utf-8") as out, bar:
+        for record in todo:
+            rows = params(record) if callable(params) else params
+            if "error" in record:
+                pending.append((record, rows, {"id": record["id"], "error": record["error"]}))
+            else:
                 try:
                     sample = engine.encode(conversation_of(record), media_root)
                     pending.append((record, rows, batcher.submit(sample, rows)))
                 except RECOVERABLE as exc:
                     pending.append((record, rows, _failure(record["id"], exc)))
-                write_ready(out, block=len(pending) > ahead)
-            write_ready(out, block=True)
-    finally:
-        batcher.stop()
+            while len(pending) > ahead and batcher.pump():
+                write_ready(out, block=False)
+            write_ready(out, block=False)
+        while batcher.pump():
+            write_ready(out, block=False)
+        write_ready(out, block=True)  # idle: every answer is in
     return summary

@@ -100,6 +100,18 @@ class ContinuousBatcher:
     def pending(self) -> int:
         return self._queue.qsize()
 
+    def pump(self) -> bool:
+        """One scheduling step in the calling thread, for a batcher run without ``start``: admits what
+        waits and decodes one token per row. Returns whether anything is left to do."""
+        if self._thread is not None:
+            raise RuntimeError("pump() drives a batcher that has no worker thread")
+        waiting = self._take_waiting(block=False)
+        if waiting:
+            self._admit(waiting)
+        if self._rows:
+            self._step()
+        return bool(self._rows) or self.pending > 0
+
     def submit(self, sample: EncodedSample, params: GenerationParams) -> Future:
         """Queues a prompt; the future resolves to its ``Result``. Raises ``QueueFullError``."""
         return self._put(_Row(sample, params)).future
