@@ -98,3 +98,22 @@ def test_bad_requests_fail_alone(engine):
         assert good.result(60).text == engine.generate([prompt(2)], params(2))[0].text
     finally:
         batcher.stop()
+
+
+def test_a_closed_stream_leaves_the_batch(engine):
+    batcher = ContinuousBatcher(engine, max_rows=4)
+    batcher.start()
+    try:
+        stream = batcher.stream(
+            engine.encode(prompt(5)), GenerationParams(max_new_tokens=400, ignore_eos=True)
+        )
+        next(stream)  # the answer has started
+        stream.close()  # the reader leaves: its row stops long before 400 tokens
+        other = batcher.submit(engine.encode(prompt(6)), GenerationParams(max_new_tokens=3, ignore_eos=True))
+        assert len(other.result(60).token_ids) == 3
+        deadline = time.monotonic() + 30
+        while batcher.batch_sizes and batcher._rows and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not batcher._rows and len(batcher.batch_sizes) < 100
+    finally:
+        batcher.stop()
