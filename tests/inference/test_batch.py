@@ -2,11 +2,9 @@
 
 import argparse
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 from unimoe.cli_inference import add_inference_commands
 from unimoe.inference import GenerationParams, UniMoeEngine
@@ -14,14 +12,6 @@ from unimoe.inference.batch import answer_batch, finished_ids, run_batch
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 PARAMS = GenerationParams(max_new_tokens=6)
-
-
-@pytest.fixture(scope="module")
-def engine() -> Iterator[UniMoeEngine]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the tiny model gains nothing from intra-op threads
-    yield UniMoeEngine.load("tiny")
-    torch.set_num_threads(threads)
 
 
 def records() -> list[dict]:

@@ -3,11 +3,9 @@
 import argparse
 import io
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 from unimoe.cli_inference import add_inference_commands
 from unimoe.inference import GenerationParams, UniMoeEngine
@@ -15,14 +13,6 @@ from unimoe.inference.chat import chat_loop, split_path
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 PARAMS = GenerationParams(max_new_tokens=8)
-
-
-@pytest.fixture(scope="module")
-def engine() -> Iterator[UniMoeEngine]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the tiny model gains nothing from intra-op threads
-    yield UniMoeEngine.load("tiny")
-    torch.set_num_threads(threads)
 
 
 def run(engine: UniMoeEngine, *lines: str):

@@ -4,21 +4,12 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from unimoe.errors import UniMoeInputError
-from unimoe.inference import GenerationParams, UniMoeEngine
+from unimoe.inference import GenerationParams
 from unimoe.inference.continuous import ContinuousBatcher
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
-
-
-@pytest.fixture(scope="module")
-def engine():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield UniMoeEngine.load("tiny")
-    torch.set_num_threads(threads)
 
 
 def prompt(i: int) -> list[dict]:

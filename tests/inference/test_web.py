@@ -5,24 +5,15 @@ import threading
 from pathlib import Path
 
 import pytest
-import torch
 from web_browser import ask, bot_messages, browser_page, web_server
 
 from unimoe.errors import UniMoeInputError
-from unimoe.inference import GenerationParams, UniMoeEngine
+from unimoe.inference import GenerationParams
 from unimoe.inference.continuous import ContinuousBatcher
 from unimoe.inference.web import WebChat, chat_messages, user_content
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 PHOTO, SPEECH, SOUND = FIXTURES / "photo.jpg", FIXTURES / "speech.wav", FIXTURES / "sound.wav"
-
-
-@pytest.fixture(scope="module")
-def engine():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield UniMoeEngine.load("tiny")
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -27,8 +27,8 @@ from transformers import DynamicCache
 from ..compat import cache_kwargs
 from ..processing.processor import EncodedSample
 from .decoding import RowSampler, finish_text, first_stop
-from .engine import END, DeltaStream, GenerationParams, Result, UniMoeEngine
-from .scheduler import QueueFullError, worker_threads
+from .engine import DeltaStream, GenerationParams, Result, UniMoeEngine
+from .scheduler import RequestQueue
 
 
 @dataclass
@@ -54,8 +54,11 @@ def _pad_left(tensor: torch.Tensor, length: int, dim: int) -> torch.Tensor:
     return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
 
 
-class ContinuousBatcher:
-    """The step-level scheduler (module docstring); ``start`` runs its worker thread."""
+class ContinuousBatcher(RequestQueue):
+    """The step-level scheduler (module docstring); ``start`` runs its worker thread, or ``pump``
+    drives it from the calling thread."""
+
+    thread_name = "unimoe-continuous"
 
     def __init__(
         self,
@@ -65,40 +68,26 @@ class ContinuousBatcher:
         max_queue: int = 64,
         threads: int | None = None,
     ) -> None:
-        if max_rows < 1 or max_tokens < 1 or max_queue < 1:
-            raise ValueError("max_rows, max_tokens and max_queue must be positive")
-        self.engine = engine
-        self.threads = worker_threads(engine, threads)
+        if max_rows < 1 or max_tokens < 1:
+            raise ValueError("max_rows and max_tokens must be positive")
+        super().__init__(engine, max_queue, threads)
         self.max_rows = max_rows
         self.max_tokens = max_tokens
-        self._queue: queue.Queue[_Row | None] = queue.Queue(maxsize=max_queue)
-        self._thread: threading.Thread | None = None
-        self._stopping = False
         self.batch_sizes: list[int] = []  # rows decoded at each step
         self._rows: list[_Row] = []
         self._cache: DynamicCache | None = None
         self._mask: torch.Tensor | None = None  # [rows, cached tokens + 1 per step]
         self._next: torch.Tensor | None = None  # [rows] the token each row feeds next
 
-    # public -------------------------------------------------------------------------------------
+    def submit(self, sample: EncodedSample, params: GenerationParams) -> Future:
+        """Queues a prompt; the future resolves to its ``Result``. Raises ``QueueFullError``."""
+        return self._put(_Row(sample, params)).future
 
-    def start(self) -> None:
-        if self._thread is None:
-            self._stopping = False
-            self._thread = threading.Thread(target=self._loop, name="unimoe-continuous", daemon=True)
-            self._thread.start()
-
-    def stop(self) -> None:
-        """Finishes the rows being decoded, then stops."""
-        if self._thread is not None:
-            self._stopping = True
-            self._queue.put(None)
-            self._thread.join()
-            self._thread = None
-
-    @property
-    def pending(self) -> int:
-        return self._queue.qsize()
+    def stream(self, sample: EncodedSample, params: GenerationParams) -> DeltaStream:
+        """Queues a prompt whose answer streams as text deltas."""
+        stream = DeltaStream(self.engine, params)
+        self._put(_Row(sample, params, sink=stream.queue, closed=stream.closed))
+        return stream
 
     def pump(self) -> bool:
         """One scheduling step in the calling thread, for a batcher run without ``start``: admits what
@@ -112,29 +101,13 @@ class ContinuousBatcher:
             self._step()
         return bool(self._rows) or self.pending > 0
 
-    def submit(self, sample: EncodedSample, params: GenerationParams) -> Future:
-        """Queues a prompt; the future resolves to its ``Result``. Raises ``QueueFullError``."""
-        return self._put(_Row(sample, params)).future
-
-    def stream(self, sample: EncodedSample, params: GenerationParams) -> DeltaStream:
-        """Queues a prompt whose answer streams as text deltas."""
-        stream = DeltaStream(self.engine, params)
-        self._put(_Row(sample, params, sink=stream.queue, closed=stream.closed))
-        return stream
-
     # worker -------------------------------------------------------------------------------------
 
     def _put(self, row: _Row) -> _Row:
         row.limit = self.engine.token_limits([row.sample], [row.params])[0]  # too long: raises here
-        try:
-            self._queue.put_nowait(row)
-        except queue.Full:
-            raise QueueFullError(f"the request queue is full ({self._queue.maxsize} waiting)") from None
-        return row
+        return super()._put(row)
 
     def _loop(self) -> None:
-        if self.threads:
-            torch.set_num_threads(self.threads)  # this thread's own OpenMP team
         while True:
             waiting = self._take_waiting(block=not self._rows)
             if waiting is None and not self._rows:
@@ -301,17 +274,3 @@ class ContinuousBatcher:
 
     def _reset(self) -> None:
         self._rows, self._cache, self._mask, self._next = [], None, None, None
-
-    @staticmethod
-    def _finish(row: _Row, result: Result) -> None:
-        row.future.set_result(result)
-        if row.sink is not None:
-            row.sink.put(result)
-            row.sink.put(END)
-
-    @staticmethod
-    def _fail(row: _Row, exc: Exception) -> None:
-        row.future.set_exception(exc)
-        if row.sink is not None:
-            row.sink.put(exc)
-            row.sink.put(END)

@@ -51,8 +51,74 @@ class _Job:
     sink: queue.Queue | None = None  # a streamed job's token queue
 
 
-class BatchScheduler:
-    """A bounded request queue and the worker thread that batches it into the engine."""
+class RequestQueue:
+    """A bounded queue of requests and the worker thread that answers them (``_loop``, in subclasses).
+
+    A request has a ``future`` and, when streamed, a ``sink`` queue for its tokens.
+    """
+
+    thread_name = "unimoe-worker"
+
+    def __init__(self, engine: UniMoeEngine, max_queue: int, threads: int | None) -> None:
+        if max_queue < 1:
+            raise ValueError("max_queue must be positive")
+        self.engine = engine
+        self.threads = worker_threads(engine, threads)
+        self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Starts the worker thread (once)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run_worker, name=self.thread_name, daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        """Lets the worker finish what it is answering and exit."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+
+    @property
+    def pending(self) -> int:
+        """Requests waiting for the worker."""
+        return self._queue.qsize()
+
+    def _run_worker(self) -> None:
+        if self.threads:
+            torch.set_num_threads(self.threads)  # this thread's own OpenMP team
+        self._loop()
+
+    def _loop(self) -> None:
+        raise NotImplementedError
+
+    def _put(self, job):
+        try:
+            self._queue.put_nowait(job)
+        except queue.Full:
+            raise QueueFullError(f"the request queue is full ({self._queue.maxsize} waiting)") from None
+        return job
+
+    @staticmethod
+    def _finish(job, result) -> None:
+        job.future.set_result(result)
+        if job.sink is not None:
+            job.sink.put(result)
+            job.sink.put(END)
+
+    @staticmethod
+    def _fail(job, exc: Exception) -> None:
+        job.future.set_exception(exc)
+        if job.sink is not None:
+            job.sink.put(exc)
+            job.sink.put(END)
+
+
+class BatchScheduler(RequestQueue):
+    """Static batching: a window gathers queued requests into a batch that runs whole."""
+
+    thread_name = "unimoe-batcher"
 
     def __init__(
         self,
@@ -62,40 +128,19 @@ class BatchScheduler:
         window_s: float = 0.005,
         threads: int | None = None,
     ) -> None:
-        if max_batch_size < 1 or max_queue < 1:
-            raise ValueError("max_batch_size and max_queue must be positive")
-        self.engine = engine
-        self.threads = worker_threads(engine, threads)
+        if max_batch_size < 1:
+            raise ValueError("max_batch_size must be positive")
+        super().__init__(engine, max_queue, threads)
         self.max_batch_size = max_batch_size
         self.window_s = window_s
-        self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=max_queue)
-        self._thread: threading.Thread | None = None
         self.batch_sizes: list[int] = []
-
-    def start(self) -> None:
-        """Starts the worker thread (once)."""
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="unimoe-batcher", daemon=True)
-            self._thread.start()
-
-    def stop(self) -> None:
-        """Lets the worker finish its current batch and exit."""
-        if self._thread is not None:
-            self._queue.put(None)
-            self._thread.join()
-            self._thread = None
-
-    @property
-    def pending(self) -> int:
-        """Requests waiting for a batch."""
-        return self._queue.qsize()
 
     def submit(self, sample: EncodedSample, params: GenerationParams) -> Future:
         """Queues an encoded prompt; the future resolves to its ``Result`` (or the engine's error).
 
         Raises ``QueueFullError`` when the queue is full.
         """
-        return self._put(_Job(sample, params))
+        return self._put(_Job(sample, params)).future
 
     def stream(self, sample: EncodedSample, params: GenerationParams) -> DeltaStream:
         """Queues an encoded prompt whose answer streams: the returned iterator yields text deltas
@@ -104,13 +149,6 @@ class BatchScheduler:
         stream = DeltaStream(self.engine, params)
         self._put(_Job(sample, params, sink=stream.queue))
         return stream
-
-    def _put(self, job: _Job) -> Future:
-        try:
-            self._queue.put_nowait(job)
-        except queue.Full:
-            raise QueueFullError(f"the request queue is full ({self._queue.maxsize} waiting)") from None
-        return job.future
 
     def _collect(self, first: _Job) -> list[_Job]:
         batch = [first]
@@ -128,8 +166,6 @@ class BatchScheduler:
         return [job for job in batch if job.future.set_running_or_notify_cancel()]
 
     def _loop(self) -> None:
-        if self.threads:
-            torch.set_num_threads(self.threads)  # this thread's own OpenMP team
         while True:
             first = self._queue.get()
             if first is None:
@@ -163,17 +199,3 @@ class BatchScheduler:
             self._finish(job, self.engine.generate_encoded([job.sample], [job.params])[0])
         except Exception as exc:  # see _run
             self._fail(job, exc)
-
-    @staticmethod
-    def _finish(job: _Job, result) -> None:
-        job.future.set_result(result)
-        if job.sink is not None:
-            job.sink.put(result)
-            job.sink.put(END)
-
-    @staticmethod
-    def _fail(job: _Job, exc: Exception) -> None:
-        job.future.set_exception(exc)
-        if job.sink is not None:
-            job.sink.put(exc)
-            job.sink.put(END)
