@@ -10,22 +10,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-import torch
 
 from unimoe.errors import UniMoeConfigError
 from unimoe.evaluation.formats import load_mmbench, load_pope, load_seed, load_vqa, rotate_options
 from unimoe.evaluation.runner import EvalSettings, run_eval, score_only
-from unimoe.inference import UniMoeEngine
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
-
-
-@pytest.fixture(scope="module")
-def engine() -> Iterator[UniMoeEngine]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield UniMoeEngine.load("tiny")
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture
