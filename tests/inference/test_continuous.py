@@ -108,3 +108,18 @@ def test_a_closed_stream_leaves_the_batch(engine):
         assert not batcher._rows and len(batcher.batch_sizes) < 100
     finally:
         batcher.stop()
+
+
+def test_token_budget_holds_requests_back_until_there_is_room(engine):
+    samples = [engine.encode(prompt(i)) for i in range(6)]
+    rows = [GenerationParams(max_new_tokens=8 + i) for i in range(6)]
+    alone = [engine.generate_encoded([s], [p])[0].text for s, p in zip(samples, rows, strict=True)]
+    budget = max(len(s.input_ids) for s in samples) + 20  # room for about one request at a time
+    batcher = ContinuousBatcher(engine, max_rows=4, max_tokens=budget)
+    batcher.start()
+    try:
+        futures = [batcher.submit(s, p) for s, p in zip(samples, rows, strict=True)]
+        assert [f.result(60).text for f in futures] == alone
+    finally:
+        batcher.stop()
+    assert max(batcher.batch_sizes) < 4  # the budget, not the row limit, bounded the batch

@@ -78,6 +78,8 @@ class ContinuousBatcher(RequestQueue):
         self._cache: DynamicCache | None = None
         self._mask: torch.Tensor | None = None  # [rows, cached tokens + 1 per step]
         self._next: torch.Tensor | None = None  # [rows] the token each row feeds next
+        self._held: _Row | None = None  # admitted from the queue, waiting for room in the batch
+        self._stop_seen = False
 
     def submit(self, sample: EncodedSample, params: GenerationParams) -> Future:
         """Queues a prompt; the future resolves to its ``Result``. Raises ``QueueFullError``."""
@@ -118,40 +120,36 @@ class ContinuousBatcher(RequestQueue):
                 self._step()
 
     def _take_waiting(self, block: bool) -> list[_Row] | None:
-        """Requests to admit now, within the row and token budgets; None once stopping and idle."""
+        """Requests to admit now, within the row and token budgets; None once stopping and idle. A
+        request that does not fit is held (its future already running) and comes first next time."""
         rows = len(self._rows)
         cached = 0 if self._mask is None else int(self._mask.shape[1]) * rows
         taken: list[_Row] = []
         while rows + len(taken) < self.max_rows:
-            try:
-                row = self._queue.get(timeout=None) if block and not taken else self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if row is None:
-                if not taken and not self._rows:
-                    return None
-                self._queue.put(None)
-                break
-            if not row.future.set_running_or_notify_cancel():
-                continue
+            if self._held is not None:
+                row, self._held = self._held, None
+            else:
+                try:
+                    wait = block and not taken and not rows and not self._stop_seen
+                    row = self._queue.get() if wait else self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if row is None:  # stop: once nothing is left
+                    if not taken and not rows:
+                        return None
+                    self._stop_seen = True
+                    break
+                if not row.future.set_running_or_notify_cancel():
+                    continue
             need = len(row.sample.input_ids) + row.limit
-            if taken and cached + need > self.max_tokens:
-                self._queue_front(row)
+            if (taken or rows) and cached + need > self.max_tokens:
+                self._held = row
                 break
             cached += need
             taken.append(row)
+        if self._stop_seen and not taken and not rows and self._held is None:
+            return None
         return taken
-
-    def _queue_front(self, row: _Row) -> None:
-        """Puts an admitted-too-early request back (it is first again at the next step)."""
-        rest = []
-        while True:
-            try:
-                rest.append(self._queue.get_nowait())
-            except queue.Empty:
-                break
-        for item in [row, *rest]:
-            self._queue.put(item)
 
     def _admit(self, rows: list[_Row]) -> None:
         """Prefills the newcomers together and joins their cache to the batch's."""
