@@ -261,11 +261,10 @@ def detect_format(path: Path) -> str:
     with open(path, encoding="utf-8") as file:
         head = file.read(4096).lstrip()
     if head.startswith("{"):
-        if '"questions"' in head and '"data_subtype"' in head or '"task_type"' in head:
-            return "vqa"
-        if '"questions"' in head:
-            return "seed" if '"choice_a"' in head or '"question_type"' in head else "vqa"
-        return "pope"  # one JSON object per line, as POPE ships it
+        if '"questions"' not in head:
+            return "pope"  # one JSON object per line, as POPE ships it
+        seed = '"choice_a"' in head or '"question_type"' in head  # VQA questions have neither
+        return "seed" if seed and '"data_subtype"' not in head else "vqa"
     if '"conversations"' in head:
         return "release"
     if '"direct_answers"' in head or '"choices"' in head:

@@ -259,17 +259,20 @@ def score_items(
         from .judge import judge_scores
 
         judged = judge_scores(spec.name, items, answers, settings.judge)
+    named = rule  # what scores.json names: the rule, and a judge where one read answers
+    if judged:
+        named = judged["rule"]
     elif spec.name == "mmbench" and settings.judge.get("url"):
         from .judge import judge_letters
 
         answers = judge_letters(items, answers, settings.judge, rule)
-        rule = f"{rule}+judge:{settings.judge.get('model') or 'judge'}"
-    metrics = judged["metrics"] if judged else spec.scorer(targets, answers, rule.split("+")[0])
+        named = f"{rule}+judge:{settings.judge.get('model') or 'judge'}"
+    metrics = judged["metrics"] if judged else spec.scorer(targets, answers, rule)
     scores: dict[str, Any] = {
         "benchmark": spec.name,
         "data": str(settings.data),
-        "rule": judged["rule"] if judged else rule,
-        "official": bool(judged) or (not spec.needs_judge and rule.split("+")[0] == spec.rules[0]),
+        "rule": named,
+        "official": bool(judged) or (not spec.needs_judge and rule == spec.rules[0]),
         "metrics": metrics,
         "n": len(items),
         "answered": len(items) - len(errors) - len(missing),

@@ -86,6 +86,20 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+def worker_threads(engine, threads: int | None) -> int | None:
+    """Intra-op threads for a decoding worker thread: ``threads``, or on CPU 1 (None: leave as is).
+
+    On CPU a second thread that runs torch gets an OpenMP team of its own, which competes with the
+    main thread's for the cores: measured here (2 cores) a tiny model decodes 3-4x slower in a worker
+    thread with 2 intra-op threads than with 1, and a mid-size one (LLM hidden 512) equally fast with
+    1 and 2. On GPU the host threads do not matter.
+    """
+    if threads is not None:
+        return threads
+    device = getattr(engine, "device", None)
+    return 1 if device is not None and torch.device(device).type == "cpu" else None
+
+
 class UniMoeEngine:
     """Batched, streamed text generation with a ``UniMoeForConditionalGeneration`` and its processor."""
 
@@ -286,8 +300,6 @@ class TextStream(DeltaStream):
         self._thread.start()
 
     def _work(self, sample: EncodedSample) -> None:
-        from .scheduler import worker_threads  # see there: a worker thread's own OpenMP team
-
         threads = worker_threads(self._engine, None)
         if threads:
             torch.set_num_threads(threads)

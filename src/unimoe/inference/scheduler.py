@@ -22,21 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..processing.processor import EncodedSample
-from .engine import END, DeltaStream, GenerationParams, RowStreamer, UniMoeEngine
-
-
-def worker_threads(engine, threads: int | None) -> int | None:
-    """Intra-op threads for a decoding worker thread: ``threads``, or on CPU 1 (None: leave as is).
-
-    On CPU a second thread that runs torch gets an OpenMP team of its own, which competes with the
-    main thread's for the cores: measured here (2 cores) a tiny model decodes 3-4x slower in a worker
-    thread with 2 intra-op threads than with 1, and a mid-size one (LLM hidden 512) equally fast with
-    1 and 2. On GPU the host threads do not matter.
-    """
-    if threads is not None:
-        return threads
-    device = getattr(engine, "device", None)
-    return 1 if device is not None and torch.device(device).type == "cpu" else None
+from .engine import END, DeltaStream, GenerationParams, RowStreamer, UniMoeEngine, worker_threads
 
 
 class QueueFullError(RuntimeError):

@@ -118,14 +118,13 @@ def chat_messages(message: dict, history: Sequence[dict], voice: str) -> list[di
                 turns[-1][1].append(item.get("text", ""))
             elif isinstance(item, str):
                 turns[-1][1].append(item)
+
+    def failed(turn) -> bool:
+        return turn[0] == "assistant" and "\n".join(turn[1]).startswith(ERROR_PREFIX)
+
     messages = []
     for i, (role, texts, files) in enumerate(turns):
-        failed = [
-            t
-            for t in turns[i + 1 : i + 2]
-            if t[0] == "assistant" and "\n".join(t[1]).startswith(ERROR_PREFIX)
-        ]
-        if failed or (role == "assistant" and "\n".join(texts).startswith(ERROR_PREFIX)):
+        if failed(turns[i]) or (i + 1 < len(turns) and failed(turns[i + 1])):
             continue  # an exchange that failed (a bad upload) is not context
         text = "\n".join(texts)
         content = user_content(text, files, voice) if role == "user" else text
