@@ -24,14 +24,22 @@ gradients set to None (untimed) before every run. Each round times every impleme
 rotating order; the medians over ``--repeats`` rounds are reported, and every timing is kept in the
 JSON under ``samples_ms`` (on a shared machine, a median far from the others' shows up there).
 
-On CPU, glibc hands every block above its mmap threshold (32 MB at most) back to the OS when it is
-freed, so each step page-faults its large tensors in again: the ``[T*k, H]`` expert activations and
-the ``[E, H, D]`` weight gradients of the stacked-weight implementations (about 600 MB a step at E=8,
-a sixth of the step in kernel time), while per-expert modules and the dense floor allocate blocks
-small enough to be reused. Set ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=4294967296`` to keep
-freed memory in the process and time the compute alone; the JSON records these variables under
-``env``. Wall time on a machine shared with other jobs swings by 2x between rounds;
-``--threads 1 --clock cpu`` measures CPU time instead and stays within a few percent.
+On CPU, glibc hands every freed block above its mmap threshold (32 MB at most) back to the OS, so
+a tensor that large is page-faulted in again each time it is allocated: the ``[T*k, H]`` expert
+activations of the implementations that run all experts' rows at once, and the ``[E, H, D]`` weight
+gradients of the stacked-weight ones (about 600 MB a step at E=8, a sixth of the step in kernel
+time). Uni-MoE's block avoids both without allocator settings: on CPU it runs one expert's rows at a
+time and keeps its weight-gradient memory across steps (``unimoe.modeling.moe``). Per-expert modules
+and the dense floor allocate blocks small enough for glibc to reuse. The JSON records the
+``MALLOC_*`` variables under ``env``; ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=4294967296`` keeps
+freed memory in the process for every implementation and times the compute alone. Wall time on a
+machine shared with other jobs swings by 2x between rounds; ``--threads 1 --clock cpu`` measures
+CPU time instead and stays within a few percent.
+
+Peak memory is measured in a fresh process per implementation: on CPU the resident-set high-water
+mark (``VmHWM``, reset through ``/proc/self/clear_refs``) of two forward (+backward) steps above the
+resident set with the weights and inputs in place, so memory an allocator keeps counts; on CUDA the
+peak of ``torch.cuda.max_memory_allocated`` above the allocated memory before the steps.
 
 Run: ``python benchmarks/moe_layer.py [--quick] [--json results.json]``.
 """
@@ -39,10 +47,15 @@ Run: ``python benchmarks/moe_layer.py [--quick] [--json results.json]``.
 from __future__ import annotations
 
 import argparse
+import gc
+import json
+import re
 import statistics
+import subprocess
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -55,6 +68,7 @@ from common import (
     interleaved_times,
     select_device,
     select_dtype,
+    synchronize,
     write_json,
 )
 from torch import nn
@@ -253,15 +267,105 @@ def build_mixtral(weights: ExpertWeights, top_k: int, experts_implementation: st
     return block
 
 
+BUILDERS = {
+    "unimoe": lambda weights, top_k, args: build_unimoe(weights, top_k, args.unimoe_dispatch),
+    "transformers_mixtral": lambda weights, top_k, args: build_mixtral(weights, top_k, args.mixtral_experts),
+    "reference_loop": lambda weights, top_k, args: ReferenceLoopMoe(weights, top_k),
+    "capacity_einsum": lambda weights, top_k, args: CapacityEinsumMoe(weights, top_k),
+    "dense_floor": lambda weights, top_k, args: DenseFloor(weights, top_k),
+}
+
+
 def build_all(weights: ExpertWeights, top_k: int, args: argparse.Namespace) -> dict[str, nn.Module]:
     """Every implementation of ``IMPLS``, in fp32 on the CPU, on the same weights."""
-    return {
-        "unimoe": build_unimoe(weights, top_k, args.unimoe_dispatch),
-        "transformers_mixtral": build_mixtral(weights, top_k, args.mixtral_experts),
-        "reference_loop": ReferenceLoopMoe(weights, top_k),
-        "capacity_einsum": CapacityEinsumMoe(weights, top_k),
-        "dense_floor": DenseFloor(weights, top_k),
+    return {name: build(weights, top_k, args) for name, build in BUILDERS.items()}
+
+
+def make_inputs(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer input and the fixed output gradient, ``[B, S, D]`` each, fp32 on ``args.device``."""
+    shape = (args.batch_size, args.seq_len, args.hidden)
+    g = torch.Generator().manual_seed(args.seed + 1)
+    x = torch.randn(shape, generator=g).to(args.device)
+    return x, torch.randn(shape, generator=g).to(args.device)
+
+
+def _status_kb(field: str) -> int:
+    return int(re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1))
+
+
+class PeakMemory:
+    """Peak memory above a baseline: the CPU's resident set or CUDA's allocated memory, in MB."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        gc.collect()
+        self.base = self._current()
+
+    def _current(self) -> int:
+        if self.device.type == "cuda":
+            return torch.cuda.memory_allocated(self.device)
+        return _status_kb("VmRSS") * 1024
+
+    def reset(self) -> None:
+        """Starts a new high-water mark from the present memory."""
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            Path("/proc/self/clear_refs").write_text("5")
+
+    def peak_mb(self) -> float:
+        """The high-water mark since ``reset``, minus the baseline."""
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            peak = _status_kb("VmHWM") * 1024
+        return (peak - self.base) / 2**20
+
+
+def measure_peak(name: str, num_experts: int, args: argparse.Namespace) -> dict[str, float]:
+    """Peak MB of two inference forwards and of two training steps of one implementation, alone."""
+    weights = ExpertWeights.random(num_experts, args.hidden, args.ffn, seed=args.seed)
+    module = BUILDERS[name](weights, args.top_k, args).to(args.device, args.dtype)
+    del weights
+    x, grad_out = (t.to(args.dtype) for t in make_inputs(args))
+    x_train = x.detach().requires_grad_(True)
+    memory = PeakMemory(args.device)
+    memory.reset()
+    with torch.no_grad():
+        for _ in range(2):
+            module(x)
+    synchronize(args.device)
+    peaks = {"fwd_peak_mb": memory.peak_mb()}
+    memory.reset()
+    for _ in range(2):
+        module.zero_grad(set_to_none=True)
+        x_train.grad = None
+        module(x_train).backward(grad_out)
+    synchronize(args.device)
+    peaks["fwd_bwd_peak_mb"] = memory.peak_mb()
+    return peaks
+
+
+def peak_in_child(name: str, num_experts: int, args: argparse.Namespace) -> dict[str, float]:
+    """``measure_peak`` in a fresh process, so no other implementation's memory is counted."""
+    options = {
+        "--batch-size": args.batch_size,
+        "--seq-len": args.seq_len,
+        "--hidden": args.hidden,
+        "--ffn": args.ffn,
+        "--top-k": args.top_k,
+        "--threads": args.threads,
+        "--device": args.device,
+        "--dtype": str(args.dtype).removeprefix("torch."),
+        "--seed": args.seed,
+        "--unimoe-dispatch": args.unimoe_dispatch,
+        "--mixtral-experts": args.mixtral_experts,
+        "--experts": num_experts,
+        "--peak-of": name,
     }
+    command = [sys.executable, __file__, *(str(part) for item in options.items() for part in item)]
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def _output_and_grads(module: nn.Module, x: torch.Tensor, grad_out: torch.Tensor) -> list[torch.Tensor]:
@@ -327,11 +431,8 @@ class ExpertCountRun:
 def bench_experts(num_experts: int, args: argparse.Namespace) -> ExpertCountRun:
     """Checks, then times, every implementation for one expert count."""
     device, dtype = args.device, args.dtype
-    shape = (args.batch_size, args.seq_len, args.hidden)
     weights = ExpertWeights.random(num_experts, args.hidden, args.ffn, seed=args.seed)
-    g = torch.Generator().manual_seed(args.seed + 1)
-    x = torch.randn(shape, generator=g).to(device)
-    grad_out = torch.randn(shape, generator=g).to(device)
+    x, grad_out = make_inputs(args)
     modules = {name: m.to(device) for name, m in build_all(weights, args.top_k, args).items()}
     check_equivalence(modules, x, grad_out)
     with torch.no_grad():
@@ -342,6 +443,8 @@ def bench_experts(num_experts: int, args: argparse.Namespace) -> ExpertCountRun:
     cases = make_cases(modules, x.to(dtype), grad_out.to(dtype))
     samples = interleaved_times(cases, args.repeats, args.warmup, device, args.clock)
     medians = {name: statistics.median(values) for name, values in samples.items()}
+    del modules, cases
+    peaks = {name: peak_in_child(name, num_experts, args) if args.memory else {} for name in IMPLS}
     results = [
         {
             "impl": name,
@@ -352,6 +455,7 @@ def bench_experts(num_experts: int, args: argparse.Namespace) -> ExpertCountRun:
             "top_k": args.top_k,
             "fwd_ms": medians[f"{name}/fwd"],
             "fwd_bwd_ms": medians[f"{name}/fwd_bwd"],
+            **peaks[name],
         }
         for name in IMPLS
     ]
@@ -359,7 +463,7 @@ def bench_experts(num_experts: int, args: argparse.Namespace) -> ExpertCountRun:
 
 
 def format_results(results: list[dict[str, Any]]) -> str:
-    """The table: time per implementation and expert count, and its ratio to ``dense_floor``."""
+    """The table: time and peak memory per implementation and expert count, time against ``dense_floor``."""
     floor = {r["experts"]: r for r in results if r["impl"] == "dense_floor"}
     rows = [
         [
@@ -369,11 +473,30 @@ def format_results(results: list[dict[str, Any]]) -> str:
             r["fwd_bwd_ms"],
             f"{r['fwd_ms'] / floor[r['experts']]['fwd_ms']:.2f}x",
             f"{r['fwd_bwd_ms'] / floor[r['experts']]['fwd_bwd_ms']:.2f}x",
+            r.get("fwd_peak_mb", "-"),
+            r.get("fwd_bwd_peak_mb", "-"),
         ]
         for r in results
     ]
-    headers = ["impl", "E", "fwd ms", "fwd+bwd ms", "fwd / dense", "fwd+bwd / dense"]
+    headers = ["impl", "E", "fwd ms", "fwd+bwd ms", "fwd / dense", "fwd+bwd / dense", "fwd MB", "fwd+bwd MB"]
     return format_table(headers, rows)
+
+
+def summarize(results: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per expert count: ours against the dense floor, and every peer's time over ours (>1: ours faster)."""
+    summary = {}
+    for num_experts in sorted({r["experts"] for r in results}):
+        rows = {r["impl"]: r for r in results if r["experts"] == num_experts}
+        ours = rows["unimoe"]
+        entry = {
+            "unimoe_fwd_over_dense": ours["fwd_ms"] / rows["dense_floor"]["fwd_ms"],
+            "unimoe_fwd_bwd_over_dense": ours["fwd_bwd_ms"] / rows["dense_floor"]["fwd_bwd_ms"],
+        }
+        for peer in SPARSE_IMPLS[1:]:
+            entry[f"{peer}_over_unimoe_fwd"] = rows[peer]["fwd_ms"] / ours["fwd_ms"]
+            entry[f"{peer}_over_unimoe_fwd_bwd"] = rows[peer]["fwd_bwd_ms"] / ours["fwd_bwd_ms"]
+        summary[f"E={num_experts}"] = entry
+    return summary
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -408,6 +531,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="transformers experts implementation (grouped_mm: what a Mixtral model picks by default)",
     )
     parser.add_argument("--json", help="write the results to this JSON file")
+    parser.add_argument(
+        "--no-memory", dest="memory", action="store_false", help="skip the peak-memory processes"
+    )
+    parser.add_argument("--peak-of", help=argparse.SUPPRESS)  # child mode: one implementation's peak memory
     args = parser.parse_args(argv)
     for key, value in (QUICK_SHAPE if args.quick else FULL_SHAPE).items():
         if getattr(args, key) is None:
@@ -421,11 +548,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Runs the benchmark, prints the table and optionally writes the JSON."""
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.peak_of:
+        print(json.dumps(measure_peak(args.peak_of, args.experts[0], args)))
+        return 0
     runs = {str(num_experts): bench_experts(num_experts, args) for num_experts in args.experts}
     results = [row for run in runs.values() for row in run.results]
     print(format_results(results))
     if args.json:
         payload = {
+            "summary": summarize(results),
             "results": results,
             **environment(args.device, args.dtype, args.threads),
             "clock": args.clock,

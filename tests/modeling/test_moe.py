@@ -155,3 +155,101 @@ def test_expert_lora_trains_adapters_only():
             assert torch.equal(v, base[k]), k
     block.experts.merge_lora()
     torch.testing.assert_close(block(x)[0], y1, atol=1e-5, rtol=1e-5)
+
+
+def _loop_and_grouped_blocks(num_experts: int = 4) -> tuple[UniMoeSparseMoeBlock, UniMoeSparseMoeBlock]:
+    torch.manual_seed(0)
+    loop = UniMoeSparseMoeBlock(tiny_config(moe_dispatch="loop", num_experts=num_experts))
+    for p in loop.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    grouped = UniMoeSparseMoeBlock(tiny_config(moe_dispatch="grouped_mm", num_experts=num_experts))
+    grouped.load_state_dict(loop.state_dict())
+    return loop, grouped
+
+
+def _step(block: UniMoeSparseMoeBlock, x: torch.Tensor, grad_out: torch.Tensor) -> list[torch.Tensor]:
+    """One forward and backward; returns the output and every gradient (cloned)."""
+    x = x.clone().requires_grad_(True)
+    out = block(x)[0]
+    out.backward(grad_out)
+    ex = block.experts
+    grads = [x.grad, block.gate.weight.grad, ex.gate_proj.grad, ex.up_proj.grad, ex.down_proj.grad]
+    return [out.detach()] + [g.clone() for g in grads]
+
+
+def test_per_expert_swiglu_gradients_match_autograd_across_steps():
+    # the loop's hand-written backward against autograd through grouped GEMM; the second step reuses
+    # the first step's gradient memory and routes no token to expert 2, whose rows must come out zero
+    loop, grouped = _loop_and_grouped_blocks()
+    x1, g1 = torch.randn(3, 5, 32), torch.randn(3, 5, 32)
+    x2, g2 = torch.rand(2, 4, 32), torch.randn(2, 4, 32)  # positive inputs: a negative router row never wins
+    with torch.no_grad():
+        for block in (loop, grouped):
+            block.gate.weight[2] = -block.gate.weight[2].abs() - 1.0
+    for x, g in ((x1, g1), (x2, g2)):
+        for block in (loop, grouped):
+            block.zero_grad(set_to_none=True)
+        got, want = _step(loop, x, g), _step(grouped, x, g)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert (loop.experts.down_proj.grad[2] == 0).all() and (loop.experts.gate_proj.grad[2] == 0).all()
+
+
+def test_per_expert_swiglu_gradcheck():
+    from unimoe.modeling.moe import _ExpertSwiGLU
+
+    torch.manual_seed(0)
+    block = UniMoeSparseMoeBlock(tiny_config(moe_dispatch="loop", num_experts=3)).double()
+    ex = block.experts
+    x = torch.randn(7, 32, dtype=torch.double, requires_grad=True)
+    weights = [p.detach().clone().requires_grad_(True) for p in (ex.gate_proj, ex.up_proj, ex.down_proj)]
+    sizes = [3, 0, 4]
+    assert torch.autograd.gradcheck(lambda *t: _ExpertSwiGLU.apply(*t, sizes, ex), (x, *weights))
+
+
+def test_gradient_memory_reused_only_when_nothing_can_see_it():
+    loop, grouped = _loop_and_grouped_blocks()
+    x, g = torch.randn(3, 5, 32), torch.randn(3, 5, 32)
+    ex = loop.experts
+    first = _step(loop, x, g)
+    address = ex.down_proj.grad.data_ptr()
+
+    # zero_grad(set_to_none=True): the next step writes into the same memory
+    loop.zero_grad(set_to_none=True)
+    _step(loop, x, g)
+    assert ex.down_proj.grad.data_ptr() == address
+
+    # a caller holding the old gradient keeps its values; the step gets new memory
+    held = ex.down_proj.grad
+    loop.zero_grad(set_to_none=True)
+    second = _step(loop, 2 * x, g)
+    torch.testing.assert_close(held, first[5])
+    assert ex.down_proj.grad.data_ptr() != held.data_ptr()
+    torch.testing.assert_close(second[5], _step(grouped, 2 * x, g)[5], atol=1e-5, rtol=1e-5)
+
+    # gradient accumulation: a kept .grad (now the kept memory) is added to, never overwritten
+    _step(loop, x, g)
+    torch.testing.assert_close(ex.down_proj.grad, second[5] + first[5], atol=1e-5, rtol=1e-5)
+
+    # frozen experts: no weight gradient is made; copies of the module start without kept memory
+    import copy
+
+    for p in (ex.gate_proj, ex.up_proj, ex.down_proj):
+        p.requires_grad_(False)
+        p.grad = None
+    out = loop(x.clone().requires_grad_(True))[0]
+    out.backward(g)
+    assert ex.down_proj.grad is None
+    assert copy.deepcopy(ex).gradient_memory._memory == {}
+
+
+def test_auto_dispatch_loops_on_cpu_for_many_rows_without_lora_only():
+    from unimoe.modeling.moe import LOOP_MIN_ACTIVATIONS, grouped_mm_supported
+
+    rows = LOOP_MIN_ACTIVATIONS // 48  # intermediate_size 48
+    few, many = torch.randn(rows - 1, 32), torch.randn(rows + 1, 32)
+    plain = UniMoeSparseMoeBlock(tiny_config(num_experts=4)).experts
+    assert not plain.uses_grouped_mm(many)
+    assert plain.uses_grouped_mm(few) == grouped_mm_supported(few)
+    with_lora = UniMoeSparseMoeBlock(tiny_config(num_experts=4, expert_lora_rank=4)).experts
+    assert with_lora.uses_grouped_mm(many) == grouped_mm_supported(many)

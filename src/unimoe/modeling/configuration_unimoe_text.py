@@ -27,7 +27,8 @@ class UniMoeTextConfig(LlamaConfig):
         router_z_loss_coef: weight of the router z-loss (0 disables it).
         capacity_factor: ``None`` for dropless routing; otherwise each expert takes at most
             ``ceil(capacity_factor * tokens * top_k / num_experts)`` token slots, first choices first.
-        moe_dispatch: ``"auto"`` (grouped GEMM where the build supports it), ``"grouped_mm"`` or ``"loop"``.
+        moe_dispatch: ``"grouped_mm"`` (``torch._grouped_mm``), ``"loop"`` (one expert at a time) or
+            ``"auto"``: the loop on CPU for experts without LoRA, else grouped GEMM where supported.
         expert_lora_rank: rank of the LoRA adapters inside each expert (0: none). With LoRA the base
             expert weights are frozen.
         expert_lora_alpha, expert_lora_dropout: LoRA scaling numerator and dropout.

@@ -10,6 +10,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 from transformers import initialization as init
 
 from .configuration_unimoe_text import UniMoeTextConfig
@@ -126,6 +127,130 @@ def grouped_linear(
     return torch.cat(out) if out else x.new_zeros(0, weight.shape[1])
 
 
+# [N, I] activation elements from which "auto" loops over experts on CPU: measured in fp32 on 2 cores
+# (benchmarks/moe_layer.py shapes), grouped GEMM wins below about 2^18 and the loop above
+LOOP_MIN_ACTIVATIONS = 2**18
+
+
+def _storage_uses(tensor: torch.Tensor) -> int:
+    """How many tensors share ``tensor``'s memory (plus the probe's own reference)."""
+    return torch._C._storage_Use_Count(tensor.untyped_storage()._cdata)
+
+
+class GradientMemory:
+    """Memory for the stacked expert weight gradients that survives ``zero_grad(set_to_none=True)``.
+
+    On CPU, glibc hands every freed block above its mmap threshold (32 MB at most) back to the OS,
+    so a stacked ``[E, I, D]`` gradient is page-faulted in afresh every step: 276 MB at E=8, I=2816,
+    D=1024 in fp32, about 5% of the layer's step. ``take`` gives back the previous step's memory when
+    nothing can observe it: no tensor but this cache shares it. Otherwise (a ``.grad`` that is kept
+    for accumulation, a caller holding the old gradient) it allocates anew.
+    CUDA's caching allocator reuses memory by itself, so off the CPU this always allocates.
+    Copies of the module start empty.
+    """
+
+    def __init__(self) -> None:
+        self._memory: dict[str, tuple[torch.Tensor, int]] = {}
+
+    def take(self, name: str, param: torch.Tensor) -> torch.Tensor:
+        """An uninitialised tensor shaped like ``param`` for its gradient, as a fresh view.
+
+        A fresh view is referenced by nobody else, so autograd adopts it as ``.grad`` without a copy.
+        """
+        if param.device.type != "cpu" or not hasattr(torch._C, "_storage_Use_Count"):
+            return torch.empty_like(param, memory_format=torch.contiguous_format)
+        cached = self._memory.get(name)
+        if (
+            cached is not None
+            and cached[0].shape == param.shape
+            and cached[0].dtype == param.dtype
+            and _storage_uses(cached[0]) == cached[1]
+        ):
+            return cached[0].view_as(cached[0])
+        memory = torch.empty_like(param, memory_format=torch.contiguous_format)
+        self._memory[name] = (memory, _storage_uses(memory))
+        return memory.view_as(memory)
+
+    def clear(self) -> None:
+        """Drops the kept memory."""
+        self._memory.clear()
+
+    def __deepcopy__(self, memo: dict) -> GradientMemory:
+        return GradientMemory()
+
+    def __getstate__(self) -> dict:
+        return {"_memory": {}}
+
+
+def _swiglu_rows(
+    x: torch.Tensor,
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    down: torch.Tensor,
+    sizes: list[int],
+    keep: list[torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """SwiGLU experts on expert-sorted rows, one expert at a time; appends ``(g, u)`` to ``keep``."""
+    out = x.new_empty(x.shape[0], down.shape[1])  # [N, D]
+    for e, (xe, oe) in enumerate(zip(x.split(sizes), out.split(sizes))):
+        g = xe @ gate[e].T  # [n_e, I]
+        u = xe @ up[e].T  # [n_e, I]
+        torch.mm(F.silu(g).mul_(u), down[e].T, out=oe)
+        if keep is not None:
+            keep += (g, u)
+    return out
+
+
+class _ExpertSwiGLU(torch.autograd.Function):
+    """SwiGLU experts on expert-sorted rows, with temporaries of one expert's rows at a time.
+
+    Autograd on whole ``[N, I]`` tensors keeps four of them (gate, its SiLU, up, their product) and
+    allocates as many again in the backward; above glibc's mmap threshold each one is page-faulted
+    in every step. This keeps only the gate and up projections per expert, recomputes the rest in
+    the backward, and writes the weight gradients straight into their stacked tensors.
+    """
+
+    @staticmethod
+    def forward(ctx, x, gate, up, down, sizes, experts):
+        acts: list[torch.Tensor] = []
+        out = _swiglu_rows(x, gate, up, down, sizes, keep=acts)
+        ctx.sizes, ctx.experts = sizes, experts
+        ctx.save_for_backward(x, gate, up, down, *acts)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        x, gate, up, down, *acts = ctx.saved_tensors
+        sizes, experts = ctx.sizes, ctx.experts
+        grad_out = grad_out.contiguous()
+        grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+        grad_w = [
+            experts.gradient_memory.take(name, getattr(experts, name)) if needed else None
+            for name, needed in zip(experts.projections, ctx.needs_input_grad[1:4])
+        ]
+        grad_gate, grad_up, grad_down = grad_w
+        grad_rows = grad_x.split(sizes) if grad_x is not None else [None] * len(sizes)
+        rows = zip(x.split(sizes), grad_out.split(sizes), grad_rows, acts[0::2], acts[1::2])
+        for e, (xe, dy, dxe, g, u) in enumerate(rows):
+            s = torch.sigmoid(g)
+            silu = g * s
+            if grad_down is not None:
+                torch.mm(dy.T, silu * u, out=grad_down[e])
+            dh = dy @ down[e]  # [n_e, I]
+            dsilu = torch.sub(1, s).mul_(g).add_(1).mul_(s)  # silu'(g) = s * (1 + g * (1 - s))
+            du = silu.mul_(dh)
+            dg = dh.mul_(u).mul_(dsilu)
+            if grad_up is not None:
+                torch.mm(du.T, xe, out=grad_up[e])
+            if grad_gate is not None:
+                torch.mm(dg.T, xe, out=grad_gate[e])
+            if dxe is not None:
+                torch.mm(du, up[e], out=dxe)
+                dxe.addmm_(dg, gate[e])
+        return grad_x, grad_gate, grad_up, grad_down, None, None
+
+
 class GroupedExperts(nn.Module):
     """E SwiGLU experts with stacked weights, optionally with LoRA adapters inside each expert.
 
@@ -157,6 +282,7 @@ class GroupedExperts(nn.Module):
             self.lora_scaling = config.expert_lora_alpha / r
             self.lora_dropout = nn.Dropout(config.expert_lora_dropout)
         self.act_fn = nn.SiLU()
+        self.gradient_memory = GradientMemory()
         self.reset_parameters(config.initializer_range)
 
     def lora_parameters(self) -> list[nn.Parameter]:
@@ -191,12 +317,30 @@ class GroupedExperts(nn.Module):
             )
         return out
 
+    def uses_grouped_mm(self, x: torch.Tensor) -> bool:
+        """Whether ``x`` goes through ``torch._grouped_mm`` rather than a loop over experts.
+
+        ``"auto"`` loops on the CPU for experts without LoRA once the ``[N, I]`` activations reach
+        ``LOOP_MIN_ACTIVATIONS`` elements: the loop's per-expert temporaries stay below glibc's mmap
+        threshold (see ``_ExpertSwiGLU``), while for fewer rows its extra operator calls cost more
+        than they save. Otherwise it takes grouped GEMM where the build supports it.
+        """
+        if self.dispatch != "auto":
+            return self.dispatch == "grouped_mm"
+        large = x.shape[0] * self.gate_proj.shape[1] >= LOOP_MIN_ACTIVATIONS
+        if x.device.type == "cpu" and not self.lora_rank and large:
+            return False
+        return grouped_mm_supported(x)
+
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """``x``: ``[N, D]`` token slots sorted by expert; ``counts``: ``[E]``. Returns ``[N, D]``."""
-        if self.dispatch == "auto":
-            use_gmm = grouped_mm_supported(x)
-        else:
-            use_gmm = self.dispatch == "grouped_mm"
+        use_gmm = self.uses_grouped_mm(x)
+        if not use_gmm and not self.lora_rank:
+            weights = (self.gate_proj, self.up_proj, self.down_proj)
+            sizes = counts.tolist()
+            if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)):
+                return _ExpertSwiGLU.apply(x, *weights, sizes, self)
+            return _swiglu_rows(x, *weights, sizes)
         hidden = self.act_fn(self._project("gate_proj", x, counts, use_gmm))
         hidden = hidden * self._project("up_proj", x, counts, use_gmm)  # [N, I]
         return self._project("down_proj", hidden, counts, use_gmm)
