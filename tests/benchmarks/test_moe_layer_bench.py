@@ -30,7 +30,8 @@ def moe_layer(monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
 def test_quick_run_writes_json(moe_layer: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     path = tmp_path / "moe.json"
     # one thread: on a busy machine two-thread parallel regions wait for each other and stretch tiny ops
-    assert moe_layer.main(["--quick", "--repeats", "1", "--threads", "1", "--json", str(path)]) == 0
+    argv = ["--quick", "--repeats", "1", "--threads", "1", "--no-memory", "--json", str(path)]
+    assert moe_layer.main(argv) == 0
 
     payload = json.loads(path.read_text())
     assert payload["device"] == "cpu"
@@ -51,9 +52,22 @@ def test_quick_run_writes_json(moe_layer: ModuleType, tmp_path: Path, capsys: py
         assert set(samples) == {f"{impl}/{mode}" for impl in moe_layer.IMPLS for mode in ("fwd", "fwd_bwd")}
         assert all(len(times) == 1 for times in samples.values())
 
+    for e in (4, 8):
+        summary = payload["summary"][f"E={e}"]
+        assert summary["unimoe_fwd_bwd_over_dense"] > 0
+        assert {f"{peer}_over_unimoe_fwd_bwd" for peer in moe_layer.SPARSE_IMPLS[1:]} <= set(summary)
+
     table = capsys.readouterr().out
     for impl in moe_layer.IMPLS:
         assert impl in table
+
+
+def test_peak_memory_of_one_implementation_in_a_fresh_process(moe_layer: ModuleType) -> None:
+    args = moe_layer.parse_args(["--quick", "--threads", "1"])
+    peaks = moe_layer.peak_in_child("unimoe", 4, args)
+    assert set(peaks) == {"fwd_peak_mb", "fwd_bwd_peak_mb"}
+    # the training step holds at least its weight gradients: 3 * E * H * D fp32 values
+    assert peaks["fwd_bwd_peak_mb"] >= 3 * 4 * args.ffn * args.hidden * 4 / 2**20
 
 
 def test_equivalence_check_catches_a_wrong_implementation(moe_layer: ModuleType) -> None:
