@@ -17,7 +17,11 @@ peak memory of one step, and the release/ours time ratio. Peak memory: on CUDA
 own allocations during the step, from the profiler's memory timeline (RSS and tracemalloc do not see
 torch's allocator correctly).
 
-Run: ``python benchmarks/train_step.py [--quick] [--json results.json]``.
+``--demo-steps`` measures instead the demo's stage-3 and stage-0 CLIP steps before and after their
+speed work (``demo_steps.py``; with ``--profile``, the top operators of each).
+
+Run: ``python benchmarks/train_step.py [--quick] [--json results.json]``, or
+``python benchmarks/train_step.py --demo-steps [--profile] [--quick] [--json results.json]``.
 """
 
 from __future__ import annotations
@@ -188,6 +192,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--demo-steps" in argv:
+        import demo_steps
+
+        return demo_steps.main([a for a in argv if a != "--demo-steps"])
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -15,6 +15,7 @@ from unimoe.data.dataset import (
     MalformedRecord,
     SkippedSample,
     SupervisedDataset,
+    clear_encoded_cache,
     load_records,
     record_modalities,
 )
@@ -189,12 +190,23 @@ def test_cache_encodes_each_record_once(processor, fixtures_dir):
         return original(record, media_root, **kw)
 
     tiny_processor.encode_record = counting
+    clear_encoded_cache()
     try:
         cached = SupervisedDataset(records, tiny_processor, cache=True)
         first = [cached[0], cached[1], cached[0], cached[1]]
         plain = SupervisedDataset(records, tiny_processor)
         plain[0], plain[0]
+        # a later caching data set of the same records and processor (the next stage) encodes nothing
+        again = SupervisedDataset(records[::-1], tiny_processor, cache=True)
+        assert again[1] is first[0]
+        # another processor setting: encoded anew
+        limit = tiny_processor.settings.max_length
+        tiny_processor.settings.max_length = limit + 1
+        other = SupervisedDataset(records, tiny_processor, cache=True)
+        assert other[0] is not first[0]
+        tiny_processor.settings.max_length = limit
     finally:
         del tiny_processor.encode_record
-    assert calls == ["a", "b", "a", "a"]
+        clear_encoded_cache()
+    assert calls == ["a", "b", "a", "a", "a"]
     assert first[0] is first[2] and isinstance(first[1], SkippedSample) and first[1] is first[3]

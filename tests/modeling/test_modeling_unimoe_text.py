@@ -120,6 +120,33 @@ def test_loss_includes_weighted_aux_loss():
     assert out.aux_loss > 0 and out.z_loss > 0
 
 
+@pytest.mark.parametrize("num_items", [None, 7.0])
+def test_logits_at_labels_give_the_same_loss_and_gradients(num_items):
+    # the head only where a next-token label is set, against the full [B, L, V] head and transformers' loss
+    moe = tiny_moe().train()
+    ids = torch.randint(3, 96, (3, 12))
+    labels = torch.full_like(ids, -100)
+    labels[0, 5:9] = ids[0, 5:9]
+    labels[1, 11] = ids[1, 11]  # only the position before it predicts it
+    labels[2, 2:] = ids[2, 2:]
+    kwargs = {} if num_items is None else {"num_items_in_batch": num_items}
+    results = []
+    for at_labels in (False, True):
+        moe.zero_grad(set_to_none=True)
+        out = moe(ids, labels=labels, logits_at_labels=at_labels, **kwargs)
+        out.lm_loss.backward()
+        grads = [p.grad.clone() for p in moe.parameters() if p.grad is not None]
+        results.append((out, grads))
+    (full, full_grads), (sparse, sparse_grads) = results
+    assert sparse.logits.shape == (4 + 1 + 10, 96)
+    torch.testing.assert_close(sparse.lm_loss, full.lm_loss)
+    assert len(full_grads) == len(sparse_grads)
+    for a, b in zip(sparse_grads, full_grads):
+        torch.testing.assert_close(a, b)
+    targets = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
+    torch.testing.assert_close(sparse.logits, full.logits[targets != -100])
+
+
 def test_release_v1_keys_load(tmp_path):
     moe = tiny_moe(num_experts=4)
     release = {}

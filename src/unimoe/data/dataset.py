@@ -8,10 +8,11 @@ it and counts it in the batch, so a run goes on and reports how many samples it 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +126,31 @@ def record_id(record: Mapping[str, Any] | MalformedRecord, index: int) -> str:
     return str(record.get("id", f"#{index}"))
 
 
+# Encoded samples kept by every caching data set of this process, shared by data sets that read the
+# same records through equal processors (the stages of one run re-read one data file): per
+# (media root, processor fingerprint), each record's encoding by the record's JSON text.
+_ENCODED: dict[tuple[str, str], dict[str, EncodedSample]] = {}
+
+
+def processor_fingerprint(processor: UniMoeProcessor) -> str:
+    """Equal for processors that encode every record alike: settings, featurisers and tokenizer."""
+    tokenizer = processor.tokenizer
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    parts = [
+        asdict(processor.settings),
+        processor.image_processor.to_dict() if processor.image_processor is not None else None,
+        processor.feature_extractor.to_dict(),
+        backend.to_str() if backend is not None else sorted(tokenizer.get_vocab().items()),
+        tokenizer.chat_template,
+    ]
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=repr).encode()).hexdigest()
+
+
+def clear_encoded_cache() -> None:
+    """Drops the encoded samples that caching data sets keep."""
+    _ENCODED.clear()
+
+
 class SupervisedDataset(Dataset):
     """Records encoded on access by a ``UniMoeProcessor``; media paths resolve against ``media_root``.
 
@@ -141,7 +167,11 @@ class SupervisedDataset(Dataset):
         self.records = list(records)
         self.processor = processor
         self.media_root = media_root
-        self._cache: dict[int, EncodedSample | SkippedSample] | None = {} if cache else None
+        self._cache: dict[str, EncodedSample] | None = None
+        self._skipped: dict[int, SkippedSample] = {}
+        if cache:
+            key = (str(Path(media_root).resolve()) if media_root else "", processor_fingerprint(processor))
+            self._cache = _ENCODED.setdefault(key, {})
 
     @classmethod
     def from_file(
@@ -155,7 +185,8 @@ class SupervisedDataset(Dataset):
     ) -> SupervisedDataset:
         """Records of ``path`` (optionally only those whose ``task`` is in ``tasks``, at most
         ``max_samples``); ``media_root`` defaults to the file's folder. ``cache`` keeps encoded samples
-        in memory after their first use (for small data sets trained for several epochs)."""
+        in memory after their first use (for small data sets trained for several epochs), shared with
+        later caching data sets of the same records, media root and processor in this process."""
         records = load_records(path)
         if tasks is not None:
             wanted = set(tasks)
@@ -179,11 +210,18 @@ class SupervisedDataset(Dataset):
         return [estimate_length(r, per_media) for r in self.records]
 
     def __getitem__(self, index: int) -> EncodedSample | SkippedSample:
-        if self._cache is None:
+        record = self.records[index]
+        if self._cache is None or isinstance(record, MalformedRecord):
             return self._encode(index)
-        if index not in self._cache:
-            self._cache[index] = self._encode(index)
-        return self._cache[index]
+        key = json.dumps(record, sort_keys=True)
+        sample = self._cache.get(key) or self._skipped.get(index)
+        if sample is None:
+            sample = self._encode(index)
+            if isinstance(sample, SkippedSample):  # it names this data set's position: kept here only
+                self._skipped[index] = sample
+            else:
+                self._cache[key] = sample
+        return sample
 
     def _encode(self, index: int) -> EncodedSample | SkippedSample:
         record = self.records[index]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 import string
 from collections.abc import Callable, Sequence
 
@@ -35,7 +36,7 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from ..modeling.beats import BEATsModel
 from ..seeding import seed_everything
-from ..training.optim import build_optimizer, build_scheduler
+from ..training.optim import build_optimizer, build_scheduler, clip_gradients
 from ..training.recipe import OptimSpec
 
 logger = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ def _fit(
         index = torch.randint(n, (min(batch_size, n),), generator=generator)
         loss = loss_of(index)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
+        clip_gradients(params, spec.max_grad_norm)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
@@ -87,6 +88,105 @@ def _caption_ids(captions: Sequence[str], tokenizer) -> tuple[torch.Tensor, torc
     return ids, mask
 
 
+class ClipObjective:
+    """CLIP's symmetric contrastive loss for a vision tower, on a throw-away ``CLIPModel``.
+
+    The score of an image and a caption is the mean, over the image's patch tokens at
+    ``feature_layer`` (CLS dropped), of their cosine similarities to the caption (token-wise, as in
+    FILIP): every token the LLM reads is taught the caption, so a frozen LLM can read any of them. A
+    clip's score averages over the patch tokens of all its frames (the model mean-pools a clip's
+    frames, so what every frame's tokens say survives the pooling). ``clip`` holds the tower's layers
+    up to ``feature_layer`` only (the later ones cannot change the loss) and a one-layer text tower
+    built for the occasion.
+    """
+
+    def __init__(
+        self,
+        tower: CLIPVisionModel,
+        pixel_values: torch.Tensor,
+        captions: Sequence[str],
+        tokenizer,
+        clip_pixel_values: torch.Tensor | None = None,
+        clip_captions: Sequence[str] = (),
+        seed: int = 0,
+        feature_layer: int = -2,
+    ):
+        vision = tower.config
+        self.pixel_values, self.clip_pixel_values = pixel_values, clip_pixel_values
+        self.n_images = len(captions)
+        self.n_clips = 0 if clip_pixel_values is None else len(clip_pixel_values)
+        self.ids, self.mask = _caption_ids([*captions, *clip_captions], tokenizer)
+        text = dict(
+            vocab_size=len(tokenizer),
+            hidden_size=vision.hidden_size,
+            intermediate_size=vision.intermediate_size,
+            num_hidden_layers=1,
+            num_attention_heads=vision.num_attention_heads,
+            max_position_embeddings=self.ids.shape[1],
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id or 0,
+        )
+        depth = feature_layer % vision.num_hidden_layers + 1 if feature_layer < 0 else feature_layer
+        seed_everything(seed)
+        self.clip = CLIPModel(
+            CLIPConfig(
+                text_config=text,
+                vision_config={**vision.to_dict(), "num_hidden_layers": depth},
+                projection_dim=vision.projection_dim,
+            )
+        )
+        _load_layers_up_to(self.clip.vision_model, tower.state_dict(), depth)
+        # sequences of a few dozen tokens: SDPA's CPU kernels cost more than plain matmuls here
+        self.clip.set_attn_implementation("eager")
+        self.clip.train()
+        self.last = self.mask.sum(1) - 1  # the end token: CLIP pools its text there
+        self.generator = torch.Generator().manual_seed(seed + 1)
+
+    def similarity(self, text_embeds: torch.Tensor, frames: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """Mean cosine similarity of each caption to each patch token of each item's frames, over
+        patches and frames: ``[texts, items]``. ``frames``: ``[sum(counts), 3, H, W]``, item i's
+        ``counts[i]`` frames in a row."""
+        vision_model = self.clip.vision_model
+        states = vision_model(pixel_values=frames).last_hidden_state  # [N, 1+P, Dv]
+        tokens = self.clip.visual_projection(vision_model.post_layernorm(states[:, 1:]))
+        tokens = nn.functional.normalize(tokens, dim=-1)  # [N, P, d]
+        per_frame = torch.einsum("td,npd->tn", text_embeds, tokens) / tokens.shape[1]  # [texts, N]
+        item = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))  # [N]
+        total = per_frame.new_zeros(per_frame.shape[0], len(counts)).index_add_(1, item, per_frame)
+        return total / torch.tensor(counts, dtype=total.dtype)
+
+    def loss(self, index: torch.Tensor) -> torch.Tensor:
+        """The loss on the images ``index`` and (with clips) half as many random clips."""
+        clip, caption_index = self.clip, index
+        if self.n_clips:
+            picked = torch.randint(self.n_clips, (max(1, len(index) // 2),), generator=self.generator)
+            caption_index = torch.cat([index, self.n_images + picked])
+        # CLIP's own text pooling takes the highest id for end id 2 (a legacy rule), so pool here.
+        ids, mask = self.ids[caption_index], self.mask[caption_index]
+        text_states = clip.text_model(input_ids=ids, attention_mask=mask).last_hidden_state
+        text_embeds = clip.text_projection(
+            text_states[torch.arange(len(caption_index)), self.last[caption_index]]
+        )
+        text_embeds = nn.functional.normalize(text_embeds, dim=-1)
+        images = self.pixel_values[index]  # [B, 3, H, W]
+        if not self.n_clips:
+            scores = self.similarity(text_embeds, images, [1] * len(index))
+        else:  # images and clip frames through the tower in one batch
+            clips = self.clip_pixel_values[picked]  # [B/2, F, 3, H, W]
+            frames = [1] * len(index) + [clips.shape[1]] * len(picked)
+            scores = self.similarity(text_embeds, torch.cat([images, clips.flatten(0, 1)]), frames)
+        logits = clip.logit_scale.exp() * scores  # [texts, images]
+        target = torch.arange(len(caption_index))
+        return (
+            nn.functional.cross_entropy(logits, target) + nn.functional.cross_entropy(logits.T, target)
+        ) / 2
+
+    def write_back(self, tower: CLIPVisionModel) -> None:
+        """Copies the trained layers into ``tower``; its layers after ``feature_layer`` stay as they were."""
+        tower.load_state_dict(self.clip.vision_model.state_dict(), strict=False)
+
+
 def pretrain_vision(
     tower: CLIPVisionModel,
     pixel_values: torch.Tensor,
@@ -100,72 +200,29 @@ def pretrain_vision(
     seed: int = 0,
     feature_layer: int = -2,
 ) -> list[float]:
-    """CLIP contrastive pre-training of ``tower`` on images ``[N, 3, H, W]`` and video clips
-    ``[M, F, 3, H, W]`` with their captions.
-
-    The score of an image and a caption is the mean, over the image's patch tokens at
-    ``feature_layer`` (CLS dropped), of their cosine similarities to the caption (token-wise, as in
-    FILIP): every token the LLM reads is taught the caption, so a frozen LLM can read any of them. A
-    clip's score averages over the patch tokens of all its frames (the model mean-pools a clip's
-    frames, so what every frame's tokens say survives the pooling).
-    Each step holds ``batch_size`` images and half as many clips.
-    """
-    vision = tower.config
-    n_clips = 0 if clip_pixel_values is None else len(clip_pixel_values)
-    ids, mask = _caption_ids([*captions, *clip_captions], tokenizer)
-    text = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=vision.hidden_size,
-        intermediate_size=vision.intermediate_size,
-        num_hidden_layers=1,
-        num_attention_heads=vision.num_attention_heads,
-        max_position_embeddings=ids.shape[1],
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id or 0,
+    """CLIP contrastive pre-training (``ClipObjective``) of ``tower`` on images ``[N, 3, H, W]`` and
+    video clips ``[M, F, 3, H, W]`` with their captions; each step holds ``batch_size`` images and
+    half as many clips."""
+    objective = ClipObjective(
+        tower, pixel_values, captions, tokenizer, clip_pixel_values, clip_captions, seed, feature_layer
     )
-    seed_everything(seed)
-    clip = CLIPModel(
-        CLIPConfig(text_config=text, vision_config=vision.to_dict(), projection_dim=vision.projection_dim)
-    )
-    clip.vision_model.load_state_dict(tower.state_dict())
-    clip.train()
-    last = mask.sum(1) - 1  # the end token: CLIP pools its text there
-    generator = torch.Generator().manual_seed(seed + 1)
-
-    def similarity(text_embeds: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
-        """Mean cosine similarity of each caption to each patch token of ``frames`` ``[B, F, 3, H, W]``
-        at ``feature_layer`` (CLS dropped), over patches and frames: ``[texts, B]``."""
-        states = clip.vision_model(pixel_values=frames.flatten(0, 1), output_hidden_states=True).hidden_states
-        tokens = clip.visual_projection(clip.vision_model.post_layernorm(states[feature_layer][:, 1:]))
-        tokens = nn.functional.normalize(tokens.reshape(frames.shape[0], -1, tokens.shape[-1]), dim=-1)
-        return torch.einsum("td,ipd->tip", text_embeds, tokens).mean(-1)
-
-    def loss_of(index: torch.Tensor) -> torch.Tensor:
-        caption_index = index
-        if n_clips:
-            picked = torch.randint(n_clips, (max(1, len(index) // 2),), generator=generator)
-            caption_index = torch.cat([index, len(captions) + picked])
-        # CLIP's own text pooling takes the highest id for end id 2 (a legacy rule), so pool here.
-        text_states = clip.text_model(input_ids=ids[caption_index], attention_mask=mask[caption_index])
-        text_embeds = clip.text_projection(
-            text_states.last_hidden_state[torch.arange(len(caption_index)), last[caption_index]]
-        )
-        text_embeds = nn.functional.normalize(text_embeds, dim=-1)
-        scores = similarity(text_embeds, pixel_values[index].unsqueeze(1))
-        if n_clips:
-            scores = torch.cat([scores, similarity(text_embeds, clip_pixel_values[picked])], dim=1)
-        logits = clip.logit_scale.exp() * scores  # [texts, images]
-        target = torch.arange(len(caption_index))
-        return (
-            nn.functional.cross_entropy(logits, target) + nn.functional.cross_entropy(logits.T, target)
-        ) / 2
-
-    losses = _fit(
-        list(clip.parameters()), loss_of, len(captions), steps, batch_size, lr, seed, OBJECTIVES["vision"]
-    )
-    tower.load_state_dict(clip.vision_model.state_dict())
+    params = list(objective.clip.parameters())
+    losses = _fit(params, objective.loss, len(captions), steps, batch_size, lr, seed, OBJECTIVES["vision"])
+    objective.write_back(tower)
     return losses
+
+
+def _load_layers_up_to(module: nn.Module, state: dict[str, torch.Tensor], depth: int) -> None:
+    """Loads ``state`` into ``module``, a vision tower cut after encoder layer ``depth``."""
+
+    def kept(key: str) -> bool:
+        layer = re.match(r"encoder\.layers\.(\d+)\.", key)
+        return layer is None or int(layer.group(1)) < depth
+
+    kept_state = {k: v for k, v in state.items() if kept(k)}
+    missing, unexpected = module.load_state_dict(kept_state, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"vision tower layout mismatch: missing {missing}, unexpected {unexpected}")
 
 
 def character_ids(text: str) -> list[int]:

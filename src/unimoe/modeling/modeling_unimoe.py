@@ -286,6 +286,7 @@ class UniMoeForConditionalGeneration(UniMoePreTrainedModel, GenerationMixin):
         output_hidden_states: bool | None = None,
         output_router_logits: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        logits_at_labels: bool = False,
         **kwargs,
     ) -> UniMoeCausalLMOutput:
         outputs = self.model(
@@ -310,6 +311,7 @@ class UniMoeForConditionalGeneration(UniMoePreTrainedModel, GenerationMixin):
             attention_mask=attention_mask,
             output_router_logits=output_router_logits,
             logits_to_keep=logits_to_keep,
+            logits_at_labels=logits_at_labels,
             **kwargs,
         )
 

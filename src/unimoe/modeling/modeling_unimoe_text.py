@@ -230,18 +230,42 @@ def causal_lm_output(
     attention_mask: torch.Tensor | None = None,
     output_router_logits: bool | None = None,
     logits_to_keep: int | torch.Tensor = 0,
+    logits_at_labels: bool = False,
     **kwargs,
 ) -> UniMoeCausalLMOutput:
-    """LM head, losses and output of a causal LM (text-only or multimodal) over its decoder's output."""
+    """LM head, losses and output of a causal LM (text-only or multimodal) over its decoder's output.
+
+    ``logits_at_labels`` (training): the LM head runs only where a next-token label is set, and
+    ``logits`` is ``[M, V]`` for those M positions in row-major order. The loss is the same; an
+    instruction-tuning batch, whose prompts and media placeholders carry no labels, skips most of
+    the head's work and its ``[B, L, V]`` logits.
+    """
     config = model.config.get_text_config()
     if output_router_logits is None:
         output_router_logits = config.output_router_logits
     hidden_states = outputs.last_hidden_state
-    keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-    logits = model.lm_head(hidden_states[:, keep, :])
     loss = lm_loss = aux_loss = z_loss = None
+    if logits_at_labels and labels is not None:
+        targets = nn.functional.pad(labels, (0, 1), value=-100)[
+            :, 1:
+        ]  # [B, L]: the token each position predicts
+        labelled = targets != -100
+        logits = model.lm_head(hidden_states[labelled])  # [M, V]
+        lm_loss = model.loss_function(
+            logits=logits,
+            labels=None,
+            shift_labels=targets[labelled],
+            vocab_size=config.vocab_size,
+            **kwargs,
+        )
+    else:
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = model.lm_head(hidden_states[:, keep, :])
+        if labels is not None:
+            lm_loss = model.loss_function(
+                logits=logits, labels=labels, vocab_size=config.vocab_size, **kwargs
+            )
     if labels is not None:
-        lm_loss = model.loss_function(logits=logits, labels=labels, vocab_size=config.vocab_size, **kwargs)
         token_mask = None
         if attention_mask is not None and attention_mask.dim() == 2:
             token_mask = attention_mask if attention_mask.shape[1] == hidden_states.shape[1] else None
@@ -302,6 +326,7 @@ class UniMoeForCausalLM(UniMoeTextPreTrainedModel, GenerationMixin):
         output_hidden_states: bool | None = None,
         output_router_logits: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        logits_at_labels: bool = False,
         **kwargs,
     ) -> UniMoeCausalLMOutput:
         outputs = self.model(
@@ -321,6 +346,7 @@ class UniMoeForCausalLM(UniMoeTextPreTrainedModel, GenerationMixin):
             attention_mask=attention_mask,
             output_router_logits=output_router_logits,
             logits_to_keep=logits_to_keep,
+            logits_at_labels=logits_at_labels,
             **kwargs,
         )
 

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .optim import clip_gradients
 from .recipe import RecipeError
 
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
@@ -231,7 +232,7 @@ class Engine:
         norm = None
         params = [p for p in self.module.parameters() if p.requires_grad]
         if self.max_grad_norm:
-            total = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+            total = clip_gradients(params, self.max_grad_norm)
             norm = float(total.full_tensor() if hasattr(total, "full_tensor") else total)
         self.optimizer.step()
         self.scheduler.step()

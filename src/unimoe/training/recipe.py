@@ -116,7 +116,11 @@ class UnifiedSpec:
 
 @dataclass
 class OptimSpec:
-    """AdamW and its learning-rate schedule (linear warmup, then ``scheduler`` decay)."""
+    """AdamW and its learning-rate schedule (linear warmup, then ``scheduler`` decay).
+
+    ``fused``: torch's fused AdamW kernel (one kernel per step on CPU and CUDA instead of a Python
+    loop over parameters); ``null`` uses it wherever every parameter is a plain CPU or CUDA tensor.
+    """
 
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -126,6 +130,7 @@ class OptimSpec:
     warmup_ratio: float = 0.0
     warmup_steps: int | None = None
     max_grad_norm: float | None = 1.0
+    fused: bool | None = None
 
 
 @dataclass

@@ -79,7 +79,9 @@ class StepModule(nn.Module):
 
     def forward(self, num_items_in_batch: float, **inputs: torch.Tensor):
         """Returns ``(model output, zero-valued tensor tied to the otherwise unused connectors)``."""
-        out = self.model(**inputs, output_router_logits=True, num_items_in_batch=num_items_in_batch)
+        out = self.model(
+            **inputs, output_router_logits=True, num_items_in_batch=num_items_in_batch, logits_at_labels=True
+        )
         touch = out.lm_loss.new_zeros(())
         for module in self._connector_probes(inputs):
             ref = next(module.parameters())

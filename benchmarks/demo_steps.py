@@ -1,0 +1,262 @@
+"""The demo's two most run training steps, before and after their speed work, side by side.
+
+- ``stage3``: one optimizer step of stage 3 on the tiny upcycled MoE model as the demo trains it
+  (experts trained fully, LoRA on attention, routers and connectors trained, encoders frozen) on a
+  batch of 16 mixed-task demo samples. Before: the LM head over every position, the MoE experts
+  through ``torch._grouped_mm``, AdamW's per-parameter loop and per-tensor gradient clipping. After:
+  the training loop's path (the LM head at labelled positions only, the per-expert MoE path, fused
+  AdamW, multi-tensor clipping).
+- ``clip``: one step of stage 0's CLIP pre-training of the tiny vision tower (64 images and 32
+  8-frame clips). Before: the whole tower (its last layer computed for nothing), SDPA attention,
+  images and clip frames in two passes, AdamW's loop and per-tensor clipping. After:
+  ``ClipObjective`` (the tower up to the feature layer, eager attention, one pass) with fused AdamW
+  and multi-tensor clipping.
+
+Both versions start from the same weights; each round times each once, alternating; medians over
+``--repeats`` rounds. ``--profile`` adds the ``torch.profiler`` table of the top operators of each
+version. Data loading is not in these steps (the demo encodes its records once per run).
+
+Run: ``python benchmarks/demo_steps.py [--quick] [--profile] [--json results.json]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from common import Case, environment, format_table, interleaved_times, write_json
+from torch import nn
+
+from unimoe.data.dataset import Collator, SupervisedDataset
+from unimoe.demo.encoder_pretraining import ClipObjective
+from unimoe.demo.pipeline import RECIPES, STAGE3_CHOICES
+from unimoe.demo.synth import pretraining_corpus, synthesize
+from unimoe.modeling.modeling_unimoe_text import combine_losses
+from unimoe.modeling.moe import GroupedExperts
+from unimoe.presets import build_tiny
+from unimoe.training.optim import build_optimizer, clip_gradients
+from unimoe.training.recipe import OptimSpec, load_recipe
+from unimoe.training.run import _build
+from unimoe.training.trainer import StepModule
+
+SPEC = OptimSpec(lr=1e-3, weight_decay=0.0, max_grad_norm=1.0)
+
+
+class LegacyClipObjective(ClipObjective):
+    """The CLIP pre-training step as it was: the whole tower with SDPA, two passes per step."""
+
+    def __init__(self, tower, *args, feature_layer: int = -2, **kwargs):
+        full = -1  # ClipObjective keeps the layers up to its feature layer: all of them here
+        super().__init__(tower, *args, feature_layer=full, **kwargs)
+        self.feature_layer = feature_layer
+        self.clip.set_attn_implementation("sdpa")
+
+    def similarity(self, text_embeds, frames, counts):
+        """``frames`` ``[B, F, 3, H, W]``: features at ``feature_layer`` from every layer's states."""
+        vision_model = self.clip.vision_model
+        states = vision_model(pixel_values=frames.flatten(0, 1), output_hidden_states=True).hidden_states
+        tokens = self.clip.visual_projection(vision_model.post_layernorm(states[self.feature_layer][:, 1:]))
+        tokens = nn.functional.normalize(tokens.reshape(frames.shape[0], -1, tokens.shape[-1]), dim=-1)
+        return torch.einsum("td,ipd->tip", text_embeds, tokens).mean(-1)
+
+    def loss(self, index):
+        clip, caption_index = self.clip, index
+        picked = torch.randint(self.n_clips, (max(1, len(index) // 2),), generator=self.generator)
+        caption_index = torch.cat([index, self.n_images + picked])
+        ids, mask = self.ids[caption_index], self.mask[caption_index]
+        text_states = clip.text_model(input_ids=ids, attention_mask=mask).last_hidden_state
+        text_embeds = clip.text_projection(
+            text_states[torch.arange(len(caption_index)), self.last[caption_index]]
+        )
+        text_embeds = nn.functional.normalize(text_embeds, dim=-1)
+        scores = self.similarity(text_embeds, self.pixel_values[index].unsqueeze(1), None)
+        scores = torch.cat(
+            [scores, self.similarity(text_embeds, self.clip_pixel_values[picked], None)], dim=1
+        )
+        logits = clip.logit_scale.exp() * scores
+        target = torch.arange(len(caption_index))
+        return (
+            nn.functional.cross_entropy(logits, target) + nn.functional.cross_entropy(logits.T, target)
+        ) / 2
+
+
+def legacy_optimizer(params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    """AdamW as built before: torch's default on CPU, a Python loop over parameters."""
+    return torch.optim.AdamW(params, lr=SPEC.lr, fused=False, foreach=False)
+
+
+class Step:
+    """Loss, backward, clipping and an AdamW step, then gradients to None."""
+
+    def __init__(self, params: list[nn.Parameter], loss: Callable[[], torch.Tensor], fast: bool):
+        self.params, self.loss, self.fast = params, loss, fast
+        self.optimizer = build_optimizer(params, SPEC) if fast else legacy_optimizer(params)
+
+    def __call__(self) -> None:
+        self.loss().backward()
+        if self.fast:
+            clip_gradients(self.params, SPEC.max_grad_norm)
+        else:
+            torch.nn.utils.clip_grad_norm_(self.params, SPEC.max_grad_norm, foreach=False)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def clip_steps(args: argparse.Namespace) -> dict[str, Step]:
+    """Stage 0's CLIP step, before and after, on one corpus and the same tower weights."""
+    model, processor = build_tiny(seed=0, moe_layers="none")
+    corpus = pretraining_corpus(seed=0, n_images=256, n_clips=64, n_speech=0, n_sounds=0)
+    pixels = torch.stack([processor.featurize("image", image)[0] for image in corpus.images])
+    clips = torch.stack([processor.featurize("video", list(clip))[0] for clip in corpus.clips])
+    data = (pixels, corpus.captions, processor.tokenizer, clips, corpus.clip_captions)
+    tower = model.model.vision_tower
+    generator = torch.Generator().manual_seed(0)
+    index = torch.randint(len(pixels), (64,), generator=generator)
+    before, after = LegacyClipObjective(tower, *data), ClipObjective(tower, *data)
+    # the same text tower and projections (built at random for the occasion) in both
+    missing, _ = before.clip.load_state_dict(after.clip.state_dict(), strict=False)
+    assert all(k.startswith("vision_model.encoder.layers.") for k in missing), missing
+    steps = {}
+    for version, objective in (("before", before), ("after", after)):
+        steps[version] = Step(
+            list(objective.clip.parameters()), lambda o=objective: o.loss(index), version == "after"
+        )
+    return steps
+
+
+def stage3_steps(args: argparse.Namespace, data_dir: Path, work: Path) -> dict[str, Step]:
+    """Stage 3's step, before and after, on one batch and the same weights."""
+    model, processor = build_tiny(seed=0)
+    model.save_pretrained(work / "upcycled")
+    processor.save_pretrained(work / "upcycled")
+    overrides = [f"model.path={work / 'upcycled'}", f"data.train={data_dir / 'train.json'}", *STAGE3_CHOICES]
+    recipe = load_recipe(RECIPES / "stage3.yaml", overrides)
+    module, processor = _build(recipe)
+    records = json.loads((data_dir / "train.json").read_text())
+    dataset = SupervisedDataset(records, processor, data_dir)
+    generator = torch.Generator().manual_seed(0)
+    chosen = torch.randperm(len(dataset), generator=generator)[: args.batch_size].tolist()
+    batch = Collator(processor)([dataset[i] for i in chosen])
+    coef = module.base_model.model.config.text_config
+    steps = {}
+    for version in ("before", "after"):
+        step_module = StepModule(copy.deepcopy(module)).train()
+        fast = version == "after"
+        if not fast:
+            for experts in step_module.modules():
+                if isinstance(experts, GroupedExperts):
+                    experts.dispatch = "grouped_mm"
+
+        def loss(m: StepModule = step_module, fast: bool = fast) -> torch.Tensor:
+            if fast:
+                out, touch = m(num_items_in_batch=float(batch.target_tokens), **batch.inputs)
+            else:
+                out = m.model(
+                    **batch.inputs, output_router_logits=True, num_items_in_batch=float(batch.target_tokens)
+                )
+                touch = 0.0
+            total = combine_losses(
+                out.lm_loss, out.aux_loss, out.z_loss, coef.router_aux_loss_coef, coef.router_z_loss_coef
+            )
+            return total + touch
+
+        params = [p for p in step_module.parameters() if p.requires_grad]
+        steps[version] = Step(params, loss, fast)
+    return steps
+
+
+def check_same_loss(name: str, steps: dict[str, Step]) -> float:
+    """Both versions' first loss (before any update) must agree to fp32 rounding: they compute one
+    function. Returns the relative difference."""
+    with torch.no_grad():
+        before, after = (float(steps[v].loss()) for v in ("before", "after"))
+    difference = abs(before - after) / abs(before)
+    if difference > 1e-5:
+        raise AssertionError(f"{name}: the versions' losses differ: before {before}, after {after}")
+    return difference
+
+
+def profile_table(step: Step, rounds: int, rows: int) -> str:
+    """``torch.profiler``'s table of the top operators by their own CPU time over ``rounds`` steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(rounds):
+            step()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="few repeats")
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 30, quick 3)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=16, help="stage-3 samples per step")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--profile", action="store_true", help="print the top operators of each version")
+    parser.add_argument("--json", default=None, help="write the results to this JSON file")
+    args = parser.parse_args(argv)
+    args.repeats = args.repeats or (3 if args.quick else 30)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = torch.device("cpu")
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        synthesize(work / "data", seed=0, n_train=8, n_heldout=0)
+        workloads = {"stage3": stage3_steps(args, work / "data", work), "clip": clip_steps(args)}
+    results: list[dict[str, Any]] = []
+    profiles: dict[str, str] = {}
+    for name, steps in workloads.items():
+        difference = check_same_loss(name, steps)
+        cases = [Case(version, step) for version, step in steps.items()]
+        times = interleaved_times(cases, args.repeats, args.warmup, device)
+        medians = {version: statistics.median(values) for version, values in times.items()}
+        for version in steps:
+            results.append(
+                {
+                    "step": name,
+                    "version": version,
+                    "step_ms": medians[version],
+                    "steps_per_s": 1e3 / medians[version],
+                    "speedup": medians["before"] / medians[version],
+                    "first_loss_relative_difference": difference,
+                    "samples_ms": times[version],
+                }
+            )
+        if args.profile:
+            for version, step in steps.items():
+                profiles[f"{name}/{version}"] = profile_table(step, rounds=5, rows=15)
+    headers = ["step", "version", "ms/step", "steps/s", "speedup"]
+    rows = [
+        [r["step"], r["version"], r["step_ms"], r["steps_per_s"], f"{r['speedup']:.2f}x"] for r in results
+    ]
+    for title, table in profiles.items():
+        sys.stdout.write(f"\n{title}: top operators over 5 steps\n{table}\n")
+    sys.stdout.write(format_table(headers, rows) + "\n")
+    if args.json:
+        summary = {f"{r['step']}_speedup": r["speedup"] for r in results if r["version"] == "after"}
+        payload = {
+            **environment(device, torch.float32, args.threads),
+            "repeats": args.repeats,
+            "summary": summary,
+            "results": results,
+            "profiles": profiles,
+        }
+        write_json(args.json, payload)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""Smoke test of the demo-steps benchmark (``train_step.py --demo-steps``): both versions compute the
+same first loss, the table and profiles print, the JSON holds the summary."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def test_quick_run_checks_both_versions_and_writes_json(tmp_path: Path) -> None:
+    out = tmp_path / "demo_steps.json"
+    command = [
+        sys.executable,
+        str(BENCHMARKS / "train_step.py"),
+        "--demo-steps",
+        "--quick",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+        "--profile",
+        "--json",
+        str(out),
+    ]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=BENCHMARKS)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "stage3/after: top operators" in proc.stdout and "Self CPU" in proc.stdout
+    result = json.loads(out.read_text())
+    assert [(r["step"], r["version"]) for r in result["results"]] == [
+        ("stage3", "before"),
+        ("stage3", "after"),
+        ("clip", "before"),
+        ("clip", "after"),
+    ]
+    assert all(
+        r["steps_per_s"] > 0 and r["first_loss_relative_difference"] <= 1e-5 for r in result["results"]
+    )
+    assert set(result["summary"]) == {"stage3_speedup", "clip_speedup"}
+    assert set(result["profiles"]) == {"stage3/before", "stage3/after", "clip/before", "clip/after"}
