@@ -68,24 +68,11 @@ class LegacyClipObjective(ClipObjective):
         return torch.einsum("td,ipd->tip", text_embeds, tokens).mean(-1)
 
     def loss(self, index):
-        clip, caption_index = self.clip, index
-        picked = torch.randint(self.n_clips, (max(1, len(index) // 2),), generator=self.generator)
-        caption_index = torch.cat([index, self.n_images + picked])
-        ids, mask = self.ids[caption_index], self.mask[caption_index]
-        text_states = clip.text_model(input_ids=ids, attention_mask=mask).last_hidden_state
-        text_embeds = clip.text_projection(
-            text_states[torch.arange(len(caption_index)), self.last[caption_index]]
-        )
-        text_embeds = nn.functional.normalize(text_embeds, dim=-1)
+        caption_index, picked = self.captions_for(index)
+        text_embeds = self.caption_embeddings(caption_index)
         scores = self.similarity(text_embeds, self.pixel_values[index].unsqueeze(1), None)
-        scores = torch.cat(
-            [scores, self.similarity(text_embeds, self.clip_pixel_values[picked], None)], dim=1
-        )
-        logits = clip.logit_scale.exp() * scores
-        target = torch.arange(len(caption_index))
-        return (
-            nn.functional.cross_entropy(logits, target) + nn.functional.cross_entropy(logits.T, target)
-        ) / 2
+        clip_scores = self.similarity(text_embeds, self.clip_pixel_values[picked], None)
+        return self.contrastive(torch.cat([scores, clip_scores], dim=1))
 
 
 def legacy_optimizer(params: list[nn.Parameter]) -> torch.optim.Optimizer:

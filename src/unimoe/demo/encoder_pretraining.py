@@ -156,31 +156,42 @@ class ClipObjective:
         total = per_frame.new_zeros(per_frame.shape[0], len(counts)).index_add_(1, item, per_frame)
         return total / torch.tensor(counts, dtype=total.dtype)
 
-    def loss(self, index: torch.Tensor) -> torch.Tensor:
-        """The loss on the images ``index`` and (with clips) half as many random clips."""
-        clip, caption_index = self.clip, index
-        if self.n_clips:
-            picked = torch.randint(self.n_clips, (max(1, len(index) // 2),), generator=self.generator)
-            caption_index = torch.cat([index, self.n_images + picked])
+    def captions_for(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The caption ids of the images ``index`` then of half as many random clips, and those clips."""
+        if not self.n_clips:
+            return index, None
+        picked = torch.randint(self.n_clips, (max(1, len(index) // 2),), generator=self.generator)
+        return torch.cat([index, self.n_images + picked]), picked
+
+    def caption_embeddings(self, caption_index: torch.Tensor) -> torch.Tensor:
+        """Unit-norm text embeddings ``[texts, d]`` of the captions ``caption_index``."""
+        clip = self.clip
         # CLIP's own text pooling takes the highest id for end id 2 (a legacy rule), so pool here.
         ids, mask = self.ids[caption_index], self.mask[caption_index]
-        text_states = clip.text_model(input_ids=ids, attention_mask=mask).last_hidden_state
-        text_embeds = clip.text_projection(
-            text_states[torch.arange(len(caption_index)), self.last[caption_index]]
-        )
-        text_embeds = nn.functional.normalize(text_embeds, dim=-1)
-        images = self.pixel_values[index]  # [B, 3, H, W]
-        if not self.n_clips:
-            scores = self.similarity(text_embeds, images, [1] * len(index))
-        else:  # images and clip frames through the tower in one batch
-            clips = self.clip_pixel_values[picked]  # [B/2, F, 3, H, W]
-            frames = [1] * len(index) + [clips.shape[1]] * len(picked)
-            scores = self.similarity(text_embeds, torch.cat([images, clips.flatten(0, 1)]), frames)
-        logits = clip.logit_scale.exp() * scores  # [texts, images]
-        target = torch.arange(len(caption_index))
+        states = clip.text_model(input_ids=ids, attention_mask=mask).last_hidden_state
+        pooled = states[torch.arange(len(caption_index)), self.last[caption_index]]
+        return nn.functional.normalize(clip.text_projection(pooled), dim=-1)
+
+    def contrastive(self, scores: torch.Tensor) -> torch.Tensor:
+        """CLIP's symmetric cross-entropy over ``scores`` ``[texts, items]`` (matching pairs on the diagonal)."""
+        logits = self.clip.logit_scale.exp() * scores
+        target = torch.arange(len(scores))
         return (
             nn.functional.cross_entropy(logits, target) + nn.functional.cross_entropy(logits.T, target)
         ) / 2
+
+    def loss(self, index: torch.Tensor) -> torch.Tensor:
+        """The loss on the images ``index`` and (with clips) half as many random clips."""
+        caption_index, picked = self.captions_for(index)
+        text_embeds = self.caption_embeddings(caption_index)
+        images = self.pixel_values[index]  # [B, 3, H, W]
+        if picked is None:
+            return self.contrastive(self.similarity(text_embeds, images, [1] * len(index)))
+        clips = self.clip_pixel_values[picked]  # [B/2, F, 3, H, W]: with the images, one pass
+        frames = [1] * len(index) + [clips.shape[1]] * len(picked)
+        return self.contrastive(
+            self.similarity(text_embeds, torch.cat([images, clips.flatten(0, 1)]), frames)
+        )
 
     def write_back(self, tower: CLIPVisionModel) -> None:
         """Copies the trained layers into ``tower``; its layers after ``feature_layer`` stay as they were."""
