@@ -246,9 +246,8 @@ def causal_lm_output(
     hidden_states = outputs.last_hidden_state
     loss = lm_loss = aux_loss = z_loss = None
     if logits_at_labels and labels is not None:
-        targets = nn.functional.pad(labels, (0, 1), value=-100)[
-            :, 1:
-        ]  # [B, L]: the token each position predicts
+        # [B, L]: the token each position predicts
+        targets = nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
         labelled = targets != -100
         logits = model.lm_head(hidden_states[labelled])  # [M, V]
         lm_loss = model.loss_function(
