@@ -7,7 +7,9 @@ Checks, each on fresh random inputs with the relative error ``||out - ref|| / ||
   (bf16 operands land between 1e-3 and 1e-2; both route in float32 or better from the same
   bf16-valued inputs and weights, so only a tie closer than float32 rounding could route differently);
 - the tiny Uni-MoE model's logits in bf16 on CUDA against float32 on the CPU, and greedy generation
-  with the KV cache against the same model without a cache on CUDA.
+  with the KV cache against the same model without a cache on CUDA;
+- training: the loss with the LM head at labelled positions only against the full head (bf16
+  autocast), and 30 steps of fused AdamW with multi-tensor clipping that must lower the loss.
 
 Prints one line per check and exits non-zero when an error is above its bound.
 Run: ``python benchmarks/cuda_check.py`` on a machine with a CUDA GPU.
@@ -15,6 +17,7 @@ Run: ``python benchmarks/cuda_check.py`` on a machine with a CUDA GPU.
 
 from __future__ import annotations
 
+import math
 import sys
 
 import torch
@@ -115,6 +118,47 @@ def check_model(failures: list[str]) -> None:
         failures.append("greedy cache")
 
 
+def check_training(failures: list[str]) -> None:
+    """The training loop's pieces on CUDA: the loss at labelled positions only against the full LM
+    head (bf16 autocast), then fused AdamW with multi-tensor clipping lowering the loss."""
+    from unimoe.presets import build_tiny
+    from unimoe.training.optim import build_optimizer, clip_gradients
+    from unimoe.training.recipe import OptimSpec
+
+    model, _ = build_tiny(seed=0)
+    model = model.cuda().train()
+    ids = torch.randint(3, model.config.text_config.vocab_size, (4, 32), device="cuda")
+    labels = torch.full_like(ids, -100)
+    labels[:, 20:] = ids[:, 20:]
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        full = model(input_ids=ids, labels=labels).lm_loss
+        sparse = model(input_ids=ids, labels=labels, logits_at_labels=True).lm_loss
+    full, sparse = full.item(), sparse.item()
+    error = abs(full - sparse) / abs(full)
+    ok = error < BOUNDS["bf16"]
+    print(
+        f"labelled-logits loss against the full head (bf16 autocast): rel err {error:.2e} {'ok' if ok else 'FAIL'}"
+    )
+    if not ok:
+        failures.append("labelled logits")
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(params, OptimSpec(lr=3e-3))
+    fused = optimizer.defaults.get("fused")
+    losses = []
+    for _ in range(30):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=labels, logits_at_labels=True).lm_loss
+        loss.backward()
+        clip_gradients(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    ok = bool(fused) and all(math.isfinite(x) for x in losses) and losses[-1] < 0.5 * losses[0]
+    print(f"30 steps, fused AdamW {fused}: loss {losses[0]:.3f} -> {losses[-1]:.3f} {'ok' if ok else 'FAIL'}")
+    if not ok:
+        failures.append("training steps")
+
+
 def main() -> int:
     if not torch.cuda.is_available():
         print("no CUDA device")
@@ -125,6 +169,7 @@ def main() -> int:
         for num_experts in (4, 8):
             check_moe_block(dispatch, num_experts, failures)
     check_model(failures)
+    check_training(failures)
     print("FAILED: " + ", ".join(failures) if failures else "all checks passed")
     return 1 if failures else 0
 
