@@ -226,8 +226,8 @@ class _ExpertSwiGLU(torch.autograd.Function):
         grad_out = grad_out.contiguous()
         grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
         grad_w = [
-            experts.gradient_memory.take(name, getattr(experts, name)) if needed else None
-            for name, needed in zip(experts.projections, ctx.needs_input_grad[1:4])
+            experts.gradient_memory.take(name, weight) if needed else None
+            for name, weight, needed in zip(experts.projections, (gate, up, down), ctx.needs_input_grad[1:4])
         ]
         grad_gate, grad_up, grad_down = grad_w
         grad_rows = grad_x.split(sizes) if grad_x is not None else [None] * len(sizes)
@@ -338,12 +338,22 @@ class GroupedExperts(nn.Module):
         if not use_gmm and not self.lora_rank:
             weights = (self.gate_proj, self.up_proj, self.down_proj)
             sizes = counts.tolist()
-            if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)):
-                return _ExpertSwiGLU.apply(x, *weights, sizes, self)
-            return _swiglu_rows(x, *weights, sizes)
+            device = x.device.type
+            if not torch.is_autocast_enabled(device):
+                return self._loop(x, weights, sizes)
+            # under autocast: cast as autocast would for a matmul, then run in that one dtype
+            dtype = torch.get_autocast_dtype(device)
+            with torch.autocast(device, enabled=False):
+                return self._loop(x.to(dtype), tuple(w.to(dtype) for w in weights), sizes)
         hidden = self.act_fn(self._project("gate_proj", x, counts, use_gmm))
         hidden = hidden * self._project("up_proj", x, counts, use_gmm)  # [N, I]
         return self._project("down_proj", hidden, counts, use_gmm)
+
+    def _loop(self, x: torch.Tensor, weights: tuple[torch.Tensor, ...], sizes: list[int]) -> torch.Tensor:
+        """The per-expert path: the autograd function when a gradient is wanted, else a plain loop."""
+        if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)):
+            return _ExpertSwiGLU.apply(x, *weights, sizes, self)
+        return _swiglu_rows(x, *weights, sizes)
 
     @torch.no_grad()
     def merge_lora(self) -> None:
