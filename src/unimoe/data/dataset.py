@@ -168,6 +168,7 @@ class SupervisedDataset(Dataset):
         self.processor = processor
         self.media_root = media_root
         self._cache: dict[str, EncodedSample] | None = None
+        self._keys: dict[int, str] = {}  # a record's JSON text, made once per index
         self._skipped: dict[int, SkippedSample] = {}
         if cache:
             key = (str(Path(media_root).resolve()) if media_root else "", processor_fingerprint(processor))
@@ -213,7 +214,9 @@ class SupervisedDataset(Dataset):
         record = self.records[index]
         if self._cache is None or isinstance(record, MalformedRecord):
             return self._encode(index)
-        key = json.dumps(record, sort_keys=True)
+        key = self._keys.get(index)
+        if key is None:
+            key = self._keys[index] = json.dumps(record, sort_keys=True)
         sample = self._cache.get(key) or self._skipped.get(index)
         if sample is None:
             sample = self._encode(index)

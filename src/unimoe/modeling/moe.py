@@ -152,28 +152,24 @@ class GradientMemory:
     def __init__(self) -> None:
         self._memory: dict[str, tuple[torch.Tensor, int]] = {}
 
-    def take(self, name: str, param: torch.Tensor) -> torch.Tensor:
-        """An uninitialised tensor shaped like ``param`` for its gradient, as a fresh view.
+    def take(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """An uninitialised tensor shaped like ``weight`` for its gradient, as a fresh view.
 
         A fresh view is referenced by nobody else, so autograd adopts it as ``.grad`` without a copy.
         """
-        if param.device.type != "cpu" or not hasattr(torch._C, "_storage_Use_Count"):
-            return torch.empty_like(param, memory_format=torch.contiguous_format)
+        if weight.device.type != "cpu" or not hasattr(torch._C, "_storage_Use_Count"):
+            return torch.empty_like(weight, memory_format=torch.contiguous_format)
         cached = self._memory.get(name)
         if (
             cached is not None
-            and cached[0].shape == param.shape
-            and cached[0].dtype == param.dtype
+            and cached[0].shape == weight.shape
+            and cached[0].dtype == weight.dtype
             and _storage_uses(cached[0]) == cached[1]
         ):
             return cached[0].view_as(cached[0])
-        memory = torch.empty_like(param, memory_format=torch.contiguous_format)
+        memory = torch.empty_like(weight, memory_format=torch.contiguous_format)
         self._memory[name] = (memory, _storage_uses(memory))
         return memory.view_as(memory)
-
-    def clear(self) -> None:
-        """Drops the kept memory."""
-        self._memory.clear()
 
     def __deepcopy__(self, memo: dict) -> GradientMemory:
         return GradientMemory()
