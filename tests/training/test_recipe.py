@@ -52,7 +52,7 @@ def test_inconsistent_recipes_are_refused_with_every_problem_listed() -> None:
     assert "exactly one of model.preset, model.path" in message
     with pytest.raises(RecipeError, match="only used by stage 'experts'"):
         load_recipe({**BASE, "experts": [{"name": "image", "tasks": ["image_shape"]}]})
-    with pytest.raises(RecipeError, match="only apply to stage 'unified'"):
+    with pytest.raises(RecipeError, match="only apply to stages 'unified' and 'instruct'"):
         load_recipe(BASE, ["unified.experts=full"])
     with pytest.raises(RecipeError, match="repeats with a different definition"):
         experts = [{"name": "a", "tasks": ["x"]}, {"name": "a", "tasks": ["y"]}]

@@ -87,15 +87,17 @@ class DemoSettings:
             self.corpus = {"n_images": 600, "n_clips": 200, "n_speech": 120, "n_sounds": 200}
 
 
-def _train(recipe: str, out: Path, steps: int, lr: float, settings: DemoSettings, *overrides: str):
-    """Runs the shipped tiny recipe ``recipe`` through ``train()``, as ``unimoe train`` would, with the
-    demo's run length, paths and logging as ``key=value`` overrides."""
+def train_recipe(
+    recipe: str | Path, out: Path, steps: int, lr: float, seed: int, batch_size: int, *overrides: str
+):
+    """Runs the recipe file ``recipe`` through ``train()``, as ``unimoe train`` would, with the run
+    length, paths and logging of a short experiment as ``key=value`` overrides (``overrides`` last)."""
     return train(
-        RECIPES / recipe,
+        recipe,
         [
             f"train.output_dir={out}",
-            f"train.seed={settings.seed}",
-            f"train.batch_size={settings.batch_size}",
+            f"train.seed={seed}",
+            f"train.batch_size={batch_size}",
             f"train.max_steps={steps}",
             "train.log_every=10",
             "train.save_every=null",
@@ -109,7 +111,12 @@ def _train(recipe: str, out: Path, steps: int, lr: float, settings: DemoSettings
     )
 
 
-def _captioned(records: list[dict]) -> list[dict]:
+def _train(recipe: str, out: Path, steps: int, lr: float, settings: DemoSettings, *overrides: str):
+    """The shipped tiny recipe ``recipe`` with the demo's seed and batch size (``train_recipe``)."""
+    return train_recipe(RECIPES / recipe, out, steps, lr, settings.seed, settings.batch_size, *overrides)
+
+
+def captioned(records: list[dict]) -> list[dict]:
     """Records with each media placeholder replaced by its caption: the LLM's own (text) pre-training
     data, which teaches it to answer from what the context says, as a pretrained LLaMA can."""
     out = []
@@ -130,7 +137,7 @@ def run_stages(settings: DemoSettings, data_dir: Path, out: Path) -> dict[str, A
     stage-0 loss curves) and the final model folder."""
     records = json.loads((data_dir / "train.json").read_text())
     text_file = out / "captioned.json"
-    text_file.write_text(json.dumps(_captioned(records)))
+    text_file.write_text(json.dumps(captioned(records)))
     data = [f"data.train={data_dir / 'train.json'}", f"data.media_root={data_dir}", "data.cache_encoded=true"]
     results: dict[str, Any] = {}
 
@@ -192,7 +199,8 @@ def run_stages(settings: DemoSettings, data_dir: Path, out: Path) -> dict[str, A
     return results
 
 
-def _answerer(engine: UniMoeEngine, media_root: Path, batch_size: int):
+def answerer(engine: UniMoeEngine, media_root: Path, batch_size: int):
+    """Greedy short answers for records, ``batch_size`` at a time: the ``evaluate`` callback."""
     params = GenerationParams(max_new_tokens=6, temperature=0.0)
 
     def answer(records: list[dict]) -> list[str]:
@@ -205,13 +213,16 @@ def _answerer(engine: UniMoeEngine, media_root: Path, batch_size: int):
     return answer
 
 
-def _routing(engine: UniMoeEngine, records: list[dict], media_root: Path, batch_size: int):
+def routing(
+    engine: UniMoeEngine, records: list[dict], media_root: Path, batch_size: int, first_choice_only: bool = False
+):
+    """``routing_counts`` of ``engine``'s model over ``records`` (see there)."""
     processor = engine.processor
     batches = (
         processor(records[i : i + batch_size], media_root=media_root)
         for i in range(0, len(records), batch_size)
     )
-    return routing_counts(engine.model, batches)
+    return routing_counts(engine.model, batches, first_choice_only)
 
 
 def _stage_summary(result) -> dict[str, Any]:
@@ -252,9 +263,9 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
     print(f"[3/4] evaluating {final} on the held-out split")
     engine = UniMoeEngine.load(str(final), device="cpu", dtype="float32")
     heldout = json.loads((data_dir / "heldout.json").read_text())
-    report_tasks = evaluate(heldout, _answerer(engine, data_dir, 32), control_seed=settings.seed)
+    report_tasks = evaluate(heldout, answerer(engine, data_dir, 32), control_seed=settings.seed)
     predictions = report_tasks.pop("_predictions")
-    counts = _routing(engine, heldout, data_dir, 32)
+    counts = routing(engine, heldout, data_dir, 32)
 
     print(f"[4/4] writing the report and figures in {out}")
     layers = engine.model.config.text_config.moe_layer_indices()

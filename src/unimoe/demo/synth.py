@@ -16,6 +16,19 @@ Tasks:
 - ``cross_speech_image``: a shape image plus a spoken shape name -> yes/no (balanced), whether the
   word names the shape.
 
+The ablation suite (``ABLATION_TASKS``, ``unimoe.ablation``) adds harder tasks from the same media:
+two media of one modality in a prompt, questions that bind attributes, and a second cross-modal task.
+
+- ``image_pair_color``: two images of different shapes and colours; "What color is the {shape}?" names
+  one of them -> its colour.
+- ``image_pair_same``: two images -> yes/no, whether they show the same shape (colours independent).
+- ``video_check``: a clip and "Is the {color} {shape} moving {direction}?" -> yes/no; a "no" question
+  gets exactly one of the three attributes wrong.
+- ``speech_pair_second``: two spoken words -> the second word.
+- ``audio_pair_second``: two sounds -> the second sound.
+- ``cross_speech_video``: a clip plus a spoken shape name -> yes/no, whether the word names the moving
+  shape.
+
 Design choices:
 
 - Video direction survives mean pooling. A model that averages per-frame features over evenly
@@ -50,7 +63,7 @@ The release keeps speech and audio under one ``voice`` key; separate keys say wh
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,6 +91,8 @@ SPLITS = ("train", "heldout")
 HELDOUT_SPEECH_VARIANTS = (6, 7)
 
 Media = tuple[str, np.ndarray, str]  # (kind: image|video|speech|audio, data, caption)
+# a task maker's output: the media, and the fields its question template names (if any)
+Made = list[Media] | tuple[list[Media], dict[str, str]]
 
 
 @dataclass(frozen=True)
@@ -140,9 +155,52 @@ TASK_SPECS: dict[str, TaskSpec] = {
                 "Does the word you hear match the shape shown?",
             ),
         ),
+        TaskSpec(
+            "image_pair_color",
+            tuple(COLORS),
+            ("What color is the {shape}?", "Which color does the {shape} have?"),
+        ),
+        TaskSpec(
+            "image_pair_same",
+            ("yes", "no"),
+            ("Do the two pictures show the same shape?", "Is the shape in both images the same?"),
+        ),
+        TaskSpec(
+            "video_check",
+            ("yes", "no"),
+            ("Is the {color} {shape} moving {direction}?", "Does the {color} {shape} move {direction}?"),
+        ),
+        TaskSpec(
+            "speech_pair_second",
+            SPEECH_WORDS,
+            ("What is the second word?", "Which word is said second?"),
+        ),
+        TaskSpec(
+            "audio_pair_second",
+            SOUNDS,
+            ("What is the second sound?", "Which sound comes second?"),
+        ),
+        TaskSpec(
+            "cross_speech_video",
+            ("yes", "no"),
+            (
+                "Does the spoken word name the moving shape?",
+                "Is the shape in the video the one that is said?",
+            ),
+        ),
     )
 }
-TASKS: tuple[str, ...] = tuple(TASK_SPECS)
+ALL_TASKS: tuple[str, ...] = tuple(TASK_SPECS)
+TASKS: tuple[str, ...] = ALL_TASKS[:7]  # the demo's tasks, the default of ``synthesize``
+ABLATION_TASKS: tuple[str, ...] = (
+    "image_pair_color",
+    "image_pair_same",
+    "video_check",
+    "speech_pair_second",
+    "audio_pair_second",
+    "cross_speech_image",
+    "cross_speech_video",
+)
 
 _MEDIA_LAYOUT: dict[str, tuple[str, str, Callable[[Path, np.ndarray], None]]] = {
     "image": ("img", ".png", write_png),
@@ -208,7 +266,61 @@ def _make_cross_speech_image(answer: str, rng: np.random.Generator, ctx: _Contex
     return [_image(shape, _pick(tuple(COLORS), rng), rng, ctx), _spoken(word, rng, ctx)]
 
 
-_MAKERS: dict[str, Callable[[str, np.random.Generator, _Context], list[Media]]] = {
+def _other(options: Sequence[str], than: str, rng: np.random.Generator) -> str:
+    """One element of ``options`` other than ``than``, uniformly."""
+    return _pick([o for o in options if o != than], rng)
+
+
+def _make_image_pair_color(answer: str, rng: np.random.Generator, ctx: _Context) -> Made:
+    asked, other_shape = rng.permutation(SHAPES)[:2]
+    other_color = _other(tuple(COLORS), answer, rng)
+    pair = [_image(asked, answer, rng, ctx), _image(other_shape, other_color, rng, ctx)]
+    if rng.random() < 0.5:
+        pair.reverse()
+    return pair, {"shape": asked}
+
+
+def _make_image_pair_same(answer: str, rng: np.random.Generator, ctx: _Context) -> Made:
+    first = _pick(SHAPES, rng)
+    second = first if answer == "yes" else _other(SHAPES, first, rng)
+    colors = tuple(COLORS)
+    return [_image(first, _pick(colors, rng), rng, ctx), _image(second, _pick(colors, rng), rng, ctx)]
+
+
+def _make_video_check(answer: str, rng: np.random.Generator, ctx: _Context) -> Made:
+    truth = {
+        "color": _pick(tuple(COLORS), rng),
+        "shape": _pick(SHAPES, rng),
+        "direction": _pick(DIRECTIONS, rng),
+    }
+    asked = dict(truth)
+    if answer == "no":
+        wrong = _pick(tuple(truth), rng)
+        options = {"color": tuple(COLORS), "shape": SHAPES, "direction": DIRECTIONS}[wrong]
+        asked[wrong] = _other(options, truth[wrong], rng)
+    return [_video(truth["shape"], truth["color"], truth["direction"], rng, ctx)], asked
+
+
+def _make_speech_pair_second(answer: str, rng: np.random.Generator, ctx: _Context) -> Made:
+    return [_spoken(_pick(SPEECH_WORDS, rng), rng, ctx), _spoken(answer, rng, ctx)]
+
+
+def _make_audio_pair_second(answer: str, rng: np.random.Generator, ctx: _Context) -> Made:
+    first = _pick(SOUNDS, rng)
+    return [
+        ("audio", render_sound(first, rng), f"a {first} sound"),
+        ("audio", render_sound(answer, rng), f"a {answer} sound"),
+    ]
+
+
+def _make_cross_speech_video(answer: str, rng: np.random.Generator, ctx: _Context) -> Made:
+    shape = _pick(SHAPES, rng)
+    word = shape if answer == "yes" else _other(SHAPES, shape, rng)
+    clip = _video(shape, _pick(tuple(COLORS), rng), _pick(DIRECTIONS, rng), rng, ctx)
+    return [clip, _spoken(word, rng, ctx)]
+
+
+_MAKERS: dict[str, Callable[[str, np.random.Generator, _Context], Made]] = {
     "image_shape": _make_image_shape,
     "image_color": _make_image_color,
     "video_direction": _make_video_direction,
@@ -216,6 +328,12 @@ _MAKERS: dict[str, Callable[[str, np.random.Generator, _Context], list[Media]]] 
     "speech_word": _make_speech_word,
     "audio_sound": _make_audio_sound,
     "cross_speech_image": _make_cross_speech_image,
+    "image_pair_color": _make_image_pair_color,
+    "image_pair_same": _make_image_pair_same,
+    "video_check": _make_video_check,
+    "speech_pair_second": _make_speech_pair_second,
+    "audio_pair_second": _make_audio_pair_second,
+    "cross_speech_video": _make_cross_speech_video,
 }
 
 
@@ -243,10 +361,10 @@ def _record(
     caption per media item."""
     record: dict[str, Any] = {"id": record_id, "task": spec.name}
     for kind, rel in paths:
-        if kind in ("image", "video"):
-            record[kind] = rel
-        else:
-            record.setdefault(kind, []).append(rel)
+        record.setdefault(kind, []).append(rel)
+    for kind in ("image", "video"):  # one image or clip is a plain path, as in the release's format
+        if len(record.get(kind, ())) == 1:
+            record[kind] = record[kind][0]
     prompt = "".join(f"<{kind}>\n" for kind, _ in paths) + question
     record["conversations"] = [{"from": "human", "value": prompt}, {"from": "gpt", "value": answer}]
     record["choices"] = list(spec.choices)
@@ -257,14 +375,15 @@ def _record(
 def _generate(out_dir: Path, task: str, n: int, seed: int, ctx: _Context) -> list[dict[str, Any]]:
     """``n`` records of ``task`` for ``ctx.split`` with balanced answers, media written to disk."""
     spec, make = TASK_SPECS[task], _MAKERS[task]
-    rng = np.random.default_rng([seed, SPLITS.index(ctx.split), TASKS.index(task)])
+    rng = np.random.default_rng([seed, SPLITS.index(ctx.split), ALL_TASKS.index(task)])
     answers = rng.permutation(np.resize(np.arange(len(spec.choices)), n))
     records = []
     for i, a in enumerate(answers):
         answer = spec.choices[a]
-        media = make(answer, rng, ctx)
+        made = make(answer, rng, ctx)
+        media, fields = made if isinstance(made, tuple) else (made, {})
         record_id = f"{ctx.split}-{task}-{i:05d}"
-        question = _pick(spec.questions, rng)
+        question = _pick(spec.questions, rng).format(**fields)
         paths = _write_media(out_dir, record_id, media)
         captions = [caption for _, _, caption in media]
         records.append(_record(record_id, spec, paths, captions, question, answer))
@@ -281,13 +400,13 @@ def _check_args(image_size: int, n_frames: int, counts: Sequence[int], tasks: Se
         raise UniMoeInputError(f"sample counts must be >= 0, got {list(counts)}")
     unknown = [t for t in tasks if t not in TASK_SPECS]
     if unknown:
-        raise UniMoeInputError(f"unknown task(s) {unknown}; expected a subset of {list(TASKS)}")
+        raise UniMoeInputError(f"unknown task(s) {unknown}; expected a subset of {list(ALL_TASKS)}")
 
 
 def synthesize(
     out_dir: str | Path,
     seed: int = 0,
-    n_train: int = 240,
+    n_train: int | Mapping[str, int] = 240,
     n_heldout: int = 40,
     image_size: int = 32,
     tasks: Sequence[str] | None = None,
@@ -295,25 +414,34 @@ def synthesize(
 ) -> dict[str, dict[str, Any]]:
     """Write the synthetic instruction set to ``out_dir`` and return a per-task summary.
 
-    Writes ``train.json`` and ``heldout.json`` (``n_train`` / ``n_heldout`` records per task) and
-    media under ``out_dir/media/{img,vid,speech,audio}/``: ``image_size`` x ``image_size`` PNGs,
-    ``n_frames``-frame mp4 clips of the same size, 16 kHz mono PCM16 wavs. ``tasks`` selects a
-    subset of ``TASKS`` (default: all). The output is a deterministic function of the arguments.
+    Writes ``train.json`` and ``heldout.json`` (``n_train`` / ``n_heldout`` records per task;
+    ``n_train`` may map each task to its own count) and media under
+    ``out_dir/media/{img,vid,speech,audio}/``: ``image_size`` x ``image_size`` PNGs,
+    ``n_frames``-frame mp4 clips of the same size, 16 kHz mono PCM16 wavs. ``tasks`` selects
+    tasks of ``ALL_TASKS`` (default: the demo's ``TASKS``). The output is a deterministic function of
+    the arguments.
 
     Returns ``{task: {"train": int, "heldout": int, "choices": [...], "chance": float}}``.
     """
     selected = list(TASKS if tasks is None else tasks)
-    _check_args(image_size, n_frames, (n_train, n_heldout), selected)
+    if isinstance(n_train, Mapping):
+        missing = [t for t in selected if t not in n_train]
+        if missing:
+            raise UniMoeInputError(f"n_train gives no count for task(s) {missing}")
+        train_counts = {t: int(n_train[t]) for t in selected}
+    else:
+        train_counts = dict.fromkeys(selected, n_train)
+    _check_args(image_size, n_frames, (*train_counts.values(), n_heldout), selected)
     out = Path(out_dir)
     for folder, _, _ in _MEDIA_LAYOUT.values():
         (out / "media" / folder).mkdir(parents=True, exist_ok=True)
-    for split, n in zip(SPLITS, (n_train, n_heldout)):
+    for split, counts in zip(SPLITS, (train_counts, dict.fromkeys(selected, n_heldout))):
         ctx = _Context(split=split, image_size=image_size, n_frames=n_frames)
-        records = [r for task in selected for r in _generate(out, task, n, seed, ctx)]
+        records = [r for task in selected for r in _generate(out, task, counts[task], seed, ctx)]
         (out / f"{split}.json").write_text(json.dumps(records, indent=1) + "\n", encoding="utf-8")
     return {
         task: {
-            "train": n_train,
+            "train": train_counts[task],
             "heldout": n_heldout,
             "choices": list(TASK_SPECS[task].choices),
             "chance": 1.0 / len(TASK_SPECS[task].choices),

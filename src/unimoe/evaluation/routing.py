@@ -13,9 +13,12 @@ from ..modeling.moe import expert_token_counts
 
 
 @torch.no_grad()
-def routing_counts(model, batches: Iterable[dict[str, torch.Tensor]]) -> np.ndarray:
+def routing_counts(
+    model, batches: Iterable[dict[str, torch.Tensor]], first_choice_only: bool = False
+) -> np.ndarray:
     """Token-slot counts ``[moe_layers, modalities, experts]`` over ``batches`` of model inputs
-    (padding excluded; modalities in ``token_groups()`` order, text first)."""
+    (padding excluded; modalities in ``token_groups()`` order, text first). ``first_choice_only``
+    counts each token once, at its top-1 expert."""
     text_config = model.config.text_config
     num_experts = text_config.num_experts
     total = np.zeros((len(text_config.moe_layer_indices()), len(token_groups()), num_experts), dtype=np.int64)
@@ -24,6 +27,7 @@ def routing_counts(model, batches: Iterable[dict[str, torch.Tensor]]) -> np.ndar
         out = model(**inputs, output_router_logits=True)
         groups = model.token_modalities(batch["input_ids"], batch.get("attention_mask")).reshape(-1)
         for layer, experts in enumerate(out.expert_indices):
+            experts = experts[:, :1] if first_choice_only else experts  # column 0: the top-1 choice
             counts = expert_token_counts(experts, num_experts, groups, len(token_groups()))
             total[layer] += counts.cpu().numpy()
     return total

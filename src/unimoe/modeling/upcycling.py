@@ -1,7 +1,9 @@
-"""Sparse upcycling: an MoE language model built from a dense LLaMA and per-expert FFN weights."""
+"""Sparse upcycling: an MoE language model built from a dense LLaMA and per-expert FFN weights; and
+widening, a dense model whose FFNs are ``factor`` times wider and compute the same function."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -87,3 +89,30 @@ def extract_ffn_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         for k, v in model.state_dict().items()
         if ".mlp." in k and k.rsplit(".", 2)[-2] in _PROJECTIONS and ".experts." not in k
     }
+
+
+def widen_ffn(dense: UniMoeForCausalLM, factor: int) -> UniMoeForCausalLM:
+    """A copy of the dense ``dense`` whose FFNs are ``factor`` times wider and compute the same function.
+
+    Each FFN's gate and up rows are repeated ``factor`` times and its down columns repeated and divided
+    by ``factor``: every hidden unit appears ``factor`` times at 1/``factor`` of its weight. A top-k MoE
+    whose experts have the dense width activates k FFNs per token, so ``factor=k`` gives the dense model
+    the same active parameters per token; it starts where the MoE starts (k copies of one FFN).
+    """
+    if factor < 1:
+        raise ValueError(f"widen_ffn: factor must be >= 1, got {factor}")
+    if dense.config.moe_layer_indices():
+        raise ValueError("widen_ffn needs a dense model; this one has MoE layers")
+    config = copy.deepcopy(dense.config)
+    config.intermediate_size = dense.config.intermediate_size * factor
+    model = UniMoeForCausalLM(config).to(dense.dtype)
+    state = {}
+    for key, tensor in dense.state_dict().items():
+        proj = key.rsplit(".", 2)[-2] if ".mlp." in key else None
+        if proj in ("gate_proj", "up_proj"):
+            tensor = tensor.repeat(factor, 1)  # [I, D] -> [factor*I, D]
+        elif proj == "down_proj":
+            tensor = tensor.repeat(1, factor) / factor  # [D, I] -> [D, factor*I]
+        state[key] = tensor
+    model.load_state_dict(state)
+    return model

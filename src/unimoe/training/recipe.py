@@ -20,7 +20,7 @@ import yaml
 from ..errors import UniMoeConfigError
 from ..modalities import token_groups
 
-STAGES = ("language", "align", "experts", "unified")
+STAGES = ("language", "align", "experts", "unified", "instruct")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DISTRIBUTED = ("auto", "none", "ddp", "fsdp2", "deepspeed")
 SCHEDULERS = ("cosine", "linear", "constant")
@@ -105,7 +105,9 @@ class ExpertLoraSpec:
 @dataclass
 class UnifiedSpec:
     """Stage 3: routers and connectors train fully; attention through ``lora``; experts through
-    in-expert LoRA (``experts: lora``), fully (``full``) or not at all (``frozen``)."""
+    in-expert LoRA (``experts: lora``), fully (``full``) or not at all (``frozen``). Stage ``instruct``
+    (dense) reads the same settings, with ``experts`` standing for the dense FFNs (``full``: trained
+    fully; otherwise through ``lora`` if its targets name them)."""
 
     experts: str = "lora"
     expert_lora: ExpertLoraSpec = field(default_factory=ExpertLoraSpec)
@@ -342,9 +344,11 @@ def _check_stage(r: Recipe) -> list[str]:
             seen.setdefault(e.name, e)
     elif r.experts:
         problems.append(f"'experts' is only used by stage 'experts', but stage is {r.stage!r}")
-    if r.stage != "unified" and r.unified != default_unified:
-        problems.append(f"'unified' settings only apply to stage 'unified', but stage is {r.stage!r}")
-    if r.stage == "unified":
+    if r.stage not in ("unified", "instruct") and r.unified != default_unified:
+        problems.append(
+            f"'unified' settings only apply to stages 'unified' and 'instruct', but stage is {r.stage!r}"
+        )
+    if r.stage in ("unified", "instruct"):
         problems += _choice(r.unified.experts, EXPERT_TRAINING, "unified.experts")
     return problems
 

@@ -5,7 +5,7 @@ Output folder layout (``train.output_dir``)::
     recipe.yaml                 the resolved recipe (file + overrides)
     metrics.jsonl, tb/          per-step log and TensorBoard events
     checkpoints/[expert/]step-N atomic checkpoints (``train.save_every``)
-    final/                      stages 1 and 3: model + processor, loadable with ``from_pretrained``
+    final/                      stages 1, 3 and instruct: model + processor, loadable with ``from_pretrained``
     experts/{name}.safetensors  stage 2: FFN weights ``model.layers.{L}.mlp.{proj}.weight`` per expert
     connectors/{name}.safetensors  stage 2: the connectors trained with that expert
     experts.json                stage 2: the experts in the recipe's order (duplicates kept)
@@ -122,7 +122,7 @@ def _train_single(recipe: Recipe, engine: Engine) -> TrainResult:
     final = _final_module(engine, trainer, lambda: _build(recipe)[0])
     final_dir = Path(recipe.train.output_dir) / "final"
     if final is not None:
-        if recipe.stage == "unified" and recipe.unified.merge:
+        if recipe.stage in ("unified", "instruct") and recipe.unified.merge:
             model = merge_for_release(final)
         else:
             model = unwrap_peft(final)

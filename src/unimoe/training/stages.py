@@ -8,6 +8,9 @@ groups; everything else is frozen, and ``configure_stage`` checks the outcome be
 - ``experts`` (stage 2): the dense FFN of every layer and the connectors of the expert's modalities.
 - ``unified`` (stage 3): routers, connectors, PEFT LoRA on the LLM's linear layers, and the experts
   through in-expert LoRA, fully, or not at all (``unified.experts``).
+- ``instruct``: the dense counterpart of stage 3, instruction tuning of a model without experts:
+  connectors, PEFT LoRA on the LLM's linear layers and, with ``unified.experts=full``, the dense FFNs
+  fully. It is the dense baseline that the ablation (``unimoe.ablation``) compares against.
 """
 
 from __future__ import annotations
@@ -269,6 +272,25 @@ def configure_unified(model: UniMoeForConditionalGeneration, unified: UnifiedSpe
                 "use unified.experts=lora or a checkpoint without expert LoRA"
             )
         groups.add("experts")
+    return _with_lora(model, unified, groups)
+
+
+def configure_instruct(model: UniMoeForConditionalGeneration, unified: UnifiedSpec) -> nn.Module:
+    """Dense instruction tuning: checks the model is dense, wraps it with PEFT LoRA and sets what trains
+    (``unified.experts=full`` trains the dense FFNs fully)."""
+    moe = model.config.text_config.moe_layer_indices()
+    if moe:
+        raise RecipeError(
+            f"stage 'instruct' tunes a dense model, but this one has MoE layers {moe}: use stage 'unified'"
+        )
+    if unified.experts == "lora" and unified.lora is None:
+        raise RecipeError("stage 'instruct' with unified.experts=lora needs unified.lora (its targets)")
+    groups = {"connectors", "lora"} | ({"ffn"} if unified.experts == "full" else set())
+    return _with_lora(model, unified, groups)
+
+
+def _with_lora(model: UniMoeForConditionalGeneration, unified: UnifiedSpec, groups: set[str]) -> nn.Module:
+    """``model`` wrapped with ``unified.lora`` (if set), with ``groups`` trainable and the rest frozen."""
     wrapped: nn.Module = model
     if unified.lora is not None:
         lora = unified.lora
@@ -304,6 +326,8 @@ def configure_stage(
             )
         set_trainable(model, {"ffn", "connectors"}, connectors or [])
         return model
+    if recipe.stage == "instruct":
+        return configure_instruct(model, recipe.unified)
     return configure_unified(model, recipe.unified)
 
 

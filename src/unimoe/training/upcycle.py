@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file
 
 from ..modeling.modeling_unimoe import UniMoeForConditionalGeneration
-from ..modeling.upcycling import extract_ffn_state_dict, upcycle_llama
+from ..modeling.upcycling import extract_ffn_state_dict, upcycle_llama, widen_ffn
 from ..processing.processor import SETTINGS_FILE, UniMoeProcessor
 
 logger = logging.getLogger(__name__)
@@ -102,6 +102,17 @@ def upcycle(
     logger.info(
         "upcycled %s with %d experts (connectors: %s) -> %s", base, len(experts), connector_merge, out
     )
+    return out
+
+
+def widen(base: str | Path, out: str | Path, factor: int) -> Path:
+    """Writes ``base`` (a dense model of ours) with FFNs ``factor`` times wider and the same outputs to
+    ``out`` (``widen_ffn``): the dense baseline with a top-``factor`` MoE's active parameters."""
+    base, out = Path(base), Path(out)
+    model = UniMoeForConditionalGeneration.from_pretrained(base)
+    model.set_text_model(widen_ffn(model.text_model(), factor))
+    _save(model, base, out, {"widen_ffn": factor})
+    logger.info("widened the FFNs of %s %dx -> %s", base, factor, out)
     return out
 
 
