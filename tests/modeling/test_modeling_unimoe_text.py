@@ -11,7 +11,7 @@ from transformers import (
 from unimoe import UniMoeForCausalLM, UniMoeTextConfig
 from unimoe.compat import enable_activation_checkpointing
 from unimoe.modeling.conversion import convert_release_state_dict, load_release_language_model
-from unimoe.modeling.upcycling import extract_ffn_state_dict, upcycle_llama
+from unimoe.modeling.upcycling import extract_ffn_state_dict, upcycle_llama, widen_ffn
 
 SHAPE = dict(
     vocab_size=96,
@@ -49,6 +49,24 @@ def test_upcycled_copies_equal_dense(router, moe_layers):
     with torch.no_grad():
         diff = (moe(ids).logits - dense(ids).logits).abs().max()
     assert diff < 1e-4
+
+
+@pytest.mark.parametrize("factor", [1, 2, 3])
+def test_widened_ffn_computes_the_same_function(factor):
+    dense = tiny_moe(moe_layers="none")
+    wide = widen_ffn(dense, factor).eval()
+    layer = wide.model.layers[1].mlp
+    assert layer.gate_proj.weight.shape == (factor * SHAPE["intermediate_size"], SHAPE["hidden_size"])
+    assert layer.down_proj.weight.shape == (SHAPE["hidden_size"], factor * SHAPE["intermediate_size"])
+    assert wide.config.intermediate_size == factor * SHAPE["intermediate_size"]
+    assert dense.config.intermediate_size == SHAPE["intermediate_size"]  # the source is left alone
+    ids = torch.randint(3, 96, (2, 13))
+    with torch.no_grad():
+        torch.testing.assert_close(wide(ids).logits, dense(ids).logits, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="dense model"):
+        widen_ffn(tiny_moe(), 2)
+    with pytest.raises(ValueError, match="factor"):
+        widen_ffn(dense, 0)
 
 
 def test_matches_transformers_mixtral():

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from training_helpers import OVERFIT, QUIET, TINY, Pipeline
+from training_helpers import ABLATION, OVERFIT, QUIET, TINY, Pipeline
 
 from unimoe import UniMoeForConditionalGeneration
 from unimoe.data.dataset import Collator, SupervisedDataset, load_records
@@ -26,6 +26,7 @@ from unimoe.training.stages import (
     unwrap_peft,
 )
 from unimoe.training.trainer import Trainer
+from unimoe.training.upcycle import widen
 
 
 def _mean(values: list[float]) -> float:
@@ -260,3 +261,54 @@ def test_preset_recipe_builds_the_same_model_as_build_tiny() -> None:
     built, _ = build_tiny(seed=3)
     for (name, a), b in zip(from_recipe.state_dict().items(), built.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_instruct_stage_tunes_a_widened_dense_model(pipeline: Pipeline, tmp_path: Path) -> None:
+    wide = widen(pipeline.stage1.final_dir, tmp_path / "wide", 2)
+    base = UniMoeForConditionalGeneration.from_pretrained(pipeline.stage1.final_dir)
+    assert UniMoeForConditionalGeneration.from_pretrained(wide).config.text_config.intermediate_size == (
+        2 * base.config.text_config.intermediate_size
+    )
+    overrides = [f"data.train={pipeline.data}", f"model.path={wide}", *QUIET, *OVERFIT, "train.batch_size=4"]
+    recipe = load_recipe(ABLATION / "mixed-dense.yaml", [*overrides, f"train.output_dir={tmp_path / 'r'}"])
+    from unimoe.training.run import _build
+
+    module, _ = _build(recipe)
+    groups = parameter_groups(module)
+    assert {groups[n] for n, p in module.named_parameters() if p.requires_grad} == {
+        "connectors",
+        "lora",
+        "ffn",
+    }
+    frozen = load_recipe(
+        ABLATION / "mixed-dense.yaml",
+        [*overrides, f"train.output_dir={tmp_path / 'f'}", "unified.experts=frozen"],
+    )
+    module, _ = _build(frozen)
+    groups = parameter_groups(module)
+    assert {groups[n] for n, p in module.named_parameters() if p.requires_grad} == {"connectors", "lora"}
+
+    result = train(
+        ABLATION / "mixed-dense.yaml",
+        [*overrides, f"train.output_dir={tmp_path / 'out'}", "train.max_steps=6", "optim.lr=1e-2"],
+    )
+    assert _mean(result.losses[-2:]) < _mean(result.losses[:2]), result.losses
+    model = UniMoeForConditionalGeneration.from_pretrained(result.final_dir)
+    assert not model.config.text_config.moe_layer_indices()
+    assert not any("lora" in name for name in model.state_dict())
+    tuned = model.state_dict()
+    for name, tensor in UniMoeForConditionalGeneration.from_pretrained(wide).state_dict().items():
+        if name.endswith(("mlp.up_proj.weight", "self_attn.q_proj.weight")):  # FFN trained, LoRA merged
+            assert not torch.equal(tensor, tuned[name]), name
+        if name.startswith("model.vision_tower.") or "embed_tokens" in name:
+            assert torch.equal(tensor, tuned[name]), name
+
+
+def test_instruct_stage_refuses_an_moe_model(pipeline: Pipeline, tmp_path: Path) -> None:
+    overrides = [
+        f"data.train={pipeline.data}",
+        f"model.path={pipeline.upcycled}",
+        f"train.output_dir={tmp_path}",
+    ]
+    with pytest.raises(RecipeError, match="stage 'unified'"):
+        train(ABLATION / "mixed-dense.yaml", [*overrides, *QUIET])

@@ -13,6 +13,7 @@ from unimoe.training import TrainResult
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = ROOT / "recipes"
 TINY = RECIPES / "tiny"
+ABLATION = RECIPES / "ablation"
 QUIET = ["train.progress=false", "train.tensorboard=false"]
 OVERFIT = ["optim.scheduler=constant", "optim.warmup_ratio=0", "train.shuffle=false"]
 

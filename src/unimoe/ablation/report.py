@@ -105,10 +105,10 @@ def build_report(
     results: list[dict],
     variants: list[VariantSpec],
     settings: dict[str, Any],
-    wall_seconds: float,
-    stage0_seconds: float,
+    invocations: list[dict],
 ) -> dict[str, Any]:
-    """The report (see the module docstring) from the per-(variant, seed) results of the runner."""
+    """The report (see the module docstring) from the per-(variant, seed) results of the runner and
+    its ``invocations`` (one entry per run of it in this folder, with wall and stage-0 seconds)."""
     samples = int(settings.get("bootstrap_samples", suite.BOOTSTRAP_SAMPLES))
     by_variant: dict[str, dict[int, dict]] = {}
     for r in results:
@@ -154,8 +154,9 @@ def build_report(
         "variants": out_variants,
         "tasks": {t: {"chance": first[t]["chance"], "heldout": first[t]["n"]} for t in tasks},
         "seeds": sorted({r["seed"] for r in results}),
-        "wall_seconds": round(wall_seconds, 1),
-        "stage0_seconds": round(stage0_seconds, 1),
+        "wall_seconds": round(sum(i["wall_seconds"] for i in invocations), 1),
+        "stage0_seconds": round(sum(i["stage0_seconds"] for i in invocations), 1),
+        "invocations": invocations,
         "settings": settings,
     }
 
@@ -182,8 +183,8 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         "# Ablation: dense vs generic MoE vs Uni-MoE",
         "",
-        f"Seeds {report['seeds']}; wall time {report['wall_seconds'] / 60:.1f} min "
-        f"(stage 0 {report['stage0_seconds']:.0f} s). Pre-registration commit: "
+        f"Seeds {report['seeds']}; wall time {report['wall_seconds'] / 60:.1f} min on "
+        f"{len(report['invocations'])} run(s) (stage 0 {report['stage0_seconds']:.0f} s). Pre-registration commit: "
         f"`{report['preregistration_commit'] or 'none recorded'}`.",
         "",
         "## Held-out accuracy (mean ± std over seeds)",
@@ -316,11 +317,10 @@ def write_report(
     results: list[dict],
     variants: list[VariantSpec],
     settings: dict[str, Any],
-    wall_seconds: float,
-    stage0_seconds: float,
+    invocations: list[dict],
 ) -> dict[str, Any]:
     """Builds the report and writes ``report.json``, ``report.md``, ``accuracy.png`` and ``routing.png``."""
-    report = build_report(results, variants, settings, wall_seconds, stage0_seconds)
+    report = build_report(results, variants, settings, invocations)
     (out / "report.json").write_text(json.dumps(report, indent=1))
     (out / "report.md").write_text(markdown(report))
     plot_accuracy(report, out / "accuracy.png")

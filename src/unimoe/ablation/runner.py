@@ -2,7 +2,9 @@
 
 Layout under ``out_dir``::
 
-    data/                     the suite (train.json, heldout.json, media/), unless ``data_dir`` is given
+    data/                     the suite (train.json, heldout.json, media/), unless ``data_dir`` is given:
+                              training records of the suite's tasks and of the perception tasks,
+                              held-out records of the suite's tasks
     encoders/                 stage 0: the tiny model with pre-trained encoders (seed ``data_seed``),
                               unless ``base`` is given; the encoders are the same for every seed
     seed{S}/base, text, stage1, stage2     per seed: the LLM from seed S, text warm-up, stage 1, stage 2
@@ -26,7 +28,7 @@ from safetensors.torch import load_file
 
 from ..demo.encoder_pretraining import pretrain_encoders
 from ..demo.pipeline import RECIPES, answerer, captioned, routing, train_recipe
-from ..demo.synth import ABLATION_TASKS, pretraining_corpus, synthesize
+from ..demo.synth import pretraining_corpus, synthesize
 from ..demo.synth_media import SOUNDS
 from ..evaluation.accuracy import evaluate
 from ..inference import UniMoeEngine
@@ -54,6 +56,7 @@ class AblationSettings:
     variants: list[str] | None = None  # names from variants_dir; None: all
     variants_dir: str = str(VARIANTS_DIR)
     data_dir: str | None = None  # an existing data set (train.json, heldout.json); None: the suite
+    perception_counts: dict[str, int] = field(default_factory=lambda: dict(suite.PERCEPTION_COUNTS))
     base: str | None = None  # a dense model with pre-trained encoders; None: stage 0 here
     quick: bool = False
     data_seed: int = 0
@@ -74,6 +77,7 @@ class AblationSettings:
         if self.quick:
             self.seeds = self.seeds[:1]
             self.train_counts = dict.fromkeys(self.train_counts, 6)
+            self.perception_counts = dict.fromkeys(self.perception_counts, 4)
             self.n_heldout = 4
             self.batch_size = 8
             self.steps = {"text": 20, "stage1": 10, "stage2": 4, "mixed": 10}
@@ -102,6 +106,10 @@ class _Seed:
             f"data.media_root={data_dir}",
             "data.cache_encoded=true",
         ]
+        # stage 1 aligns on the perception tasks of the synthetic suite; on other data, on all of it
+        self.align = [*self.data] + (
+            [f"data.tasks=[{', '.join(settings.perception_counts)}]"] if settings.data_dir is None else []
+        )
 
     def _train(self, recipe: Path, out: Path, stage: str, *overrides: str, steps: int | None = None) -> dict:
         s = self.settings
@@ -134,7 +142,7 @@ class _Seed:
             "stage1",
             "model.preset=null",
             f"model.path={start}",
-            *self.data,
+            *self.align,
         )
         return Path(stage1["final_dir"])
 
@@ -204,7 +212,8 @@ def _initial_model(spec: VariantSpec, stage1: Path, stage2: dict | None, out: Pa
         names: list[str] = []
     else:
         if spec.init == "base":
-            files, connectors, names = [BASE_FFN] * spec.num_experts, [], ["base"] * spec.num_experts
+            files, connectors = [BASE_FFN] * spec.num_experts, []
+            names = [f"copy {i}" for i in range(spec.num_experts)]  # of the stage-1 FFN
         else:
             assert stage2 is not None
             per_slot = spec.num_experts // len(stage2["expert_files"])
@@ -261,6 +270,17 @@ def _stage0(settings: AblationSettings, out: Path) -> tuple[Path, float]:
     return out, time.time() - start
 
 
+def _synthesize_suite(settings: AblationSettings, data_dir: Path) -> None:
+    """The suite's tasks and the perception tasks for training; the suite's tasks alone held out."""
+    counts = {**settings.train_counts, **settings.perception_counts}
+    synthesize(
+        data_dir, seed=settings.data_seed, n_train=counts, n_heldout=settings.n_heldout, tasks=list(counts)
+    )
+    heldout = json.loads((data_dir / "heldout.json").read_text())
+    kept = [r for r in heldout if r["task"] in settings.train_counts]
+    (data_dir / "heldout.json").write_text(json.dumps(kept, indent=1) + "\n")
+
+
 def run_ablation(settings: AblationSettings) -> dict[str, Any]:
     """Runs the ablation and writes ``report.json``, ``report.md`` and the figures; returns the report."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -279,13 +299,7 @@ def run_ablation(settings: AblationSettings) -> dict[str, Any]:
     if settings.data_dir is None:
         data_dir = out / "data"
         if not (data_dir / "heldout.json").is_file():
-            synthesize(
-                data_dir,
-                seed=settings.data_seed,
-                n_train=settings.train_counts,
-                n_heldout=settings.n_heldout,
-                tasks=ABLATION_TASKS,
-            )
+            _synthesize_suite(settings, data_dir)
     else:
         data_dir = Path(settings.data_dir)
     heldout = json.loads((data_dir / "heldout.json").read_text())
@@ -303,10 +317,26 @@ def run_ablation(settings: AblationSettings) -> dict[str, Any]:
         for spec in variants:
             results.append(runner.variant(spec, stage1, stage2, heldout))
             logger.info("seed %d, %s: %s", seed, spec.name, _accuracy_line(results[-1]))
-    wall = time.time() - start
-    return write_report(
-        out, results, variants, asdict(settings), wall_seconds=wall, stage0_seconds=stage0_seconds
+    invocations = _log_invocation(out, names, settings.seeds, time.time() - start, stage0_seconds)
+    return write_report(out, results, variants, asdict(settings), invocations)
+
+
+def _log_invocation(out: Path, variants: list[str], seeds: list[int], seconds: float, stage0: float) -> list:
+    """Appends this run to ``invocations.json`` (a resumed ablation's wall time is the sum of its runs')
+    and returns the whole list."""
+    path = out / "invocations.json"
+    runs = json.loads(path.read_text()) if path.is_file() else []
+    runs.append(
+        {
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "variants": variants,
+            "seeds": list(seeds),
+            "wall_seconds": round(seconds, 1),
+            "stage0_seconds": round(stage0, 1),
+        }
     )
+    path.write_text(json.dumps(runs, indent=1))
+    return runs
 
 
 def _accuracy_line(result: dict) -> str:

@@ -26,10 +26,10 @@ def normalized_mutual_information(joint: np.ndarray) -> float:
         return 0.0
     p = joint / total
     h_g, h_e = _entropy(p.sum(1)), _entropy(p.sum(0))
-    if h_g + h_e == 0:
+    if h_g < 1e-12 or h_e < 1e-12:  # a constant variable shares no information
         return 0.0
     mutual = h_g + h_e - _entropy(p.reshape(-1))
-    return max(0.0, mutual / ((h_g + h_e) / 2))
+    return min(1.0, max(0.0, mutual / ((h_g + h_e) / 2)))
 
 
 def own_expert_share(

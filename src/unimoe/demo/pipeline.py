@@ -214,7 +214,11 @@ def answerer(engine: UniMoeEngine, media_root: Path, batch_size: int):
 
 
 def routing(
-    engine: UniMoeEngine, records: list[dict], media_root: Path, batch_size: int, first_choice_only: bool = False
+    engine: UniMoeEngine,
+    records: list[dict],
+    media_root: Path,
+    batch_size: int,
+    first_choice_only: bool = False,
 ):
     """``routing_counts`` of ``engine``'s model over ``records`` (see there)."""
     processor = engine.processor
