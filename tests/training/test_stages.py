@@ -205,24 +205,21 @@ def test_stage3_frozen_parameters_and_lora_merge(pipeline: Pipeline, tmp_path: P
     assert unwrap_peft(merged) is merged
 
 
-def test_stage3_refuses_a_dense_model(pipeline: Pipeline, tmp_path: Path) -> None:
-    overrides = [
-        f"data.train={pipeline.data}",
-        f"model.path={pipeline.stage1.final_dir}",
-        f"train.output_dir={tmp_path}",
-    ]
-    with pytest.raises(RecipeError, match="upcycle"):
-        train(TINY / "stage3.yaml", [*overrides, *QUIET])
-
-
-def test_stage2_refuses_an_moe_model(pipeline: Pipeline, tmp_path: Path) -> None:
-    overrides = [
-        f"data.train={pipeline.data}",
-        f"model.path={pipeline.upcycled}",
-        f"train.output_dir={tmp_path}",
-    ]
-    with pytest.raises(RecipeError, match="dense"):
-        train(TINY / "stage2.yaml", [*overrides, *QUIET])
+@pytest.mark.parametrize(
+    ("recipe", "dense", "message"),
+    [
+        (TINY / "stage3.yaml", True, "upcycle"),
+        (TINY / "stage2.yaml", False, "dense"),
+        (ABLATION / "mixed-dense.yaml", False, "stage 'unified'"),
+    ],
+)
+def test_stages_refuse_the_wrong_kind_of_model(
+    pipeline: Pipeline, tmp_path: Path, recipe: Path, dense: bool, message: str
+) -> None:
+    model = pipeline.stage1.final_dir if dense else pipeline.upcycled
+    overrides = [f"data.train={pipeline.data}", f"model.path={model}", f"train.output_dir={tmp_path}"]
+    with pytest.raises(RecipeError, match=message):
+        train(recipe, [*overrides, *QUIET])
 
 
 def test_stage3_metrics_log_routing_per_modality(pipeline: Pipeline) -> None:
@@ -302,13 +299,3 @@ def test_instruct_stage_tunes_a_widened_dense_model(pipeline: Pipeline, tmp_path
             assert not torch.equal(tensor, tuned[name]), name
         if name.startswith("model.vision_tower.") or "embed_tokens" in name:
             assert torch.equal(tensor, tuned[name]), name
-
-
-def test_instruct_stage_refuses_an_moe_model(pipeline: Pipeline, tmp_path: Path) -> None:
-    overrides = [
-        f"data.train={pipeline.data}",
-        f"model.path={pipeline.upcycled}",
-        f"train.output_dir={tmp_path}",
-    ]
-    with pytest.raises(RecipeError, match="stage 'unified'"):
-        train(ABLATION / "mixed-dense.yaml", [*overrides, *QUIET])
