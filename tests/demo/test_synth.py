@@ -13,7 +13,7 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
-from unimoe.demo.synth import HELDOUT_SPEECH_VARIANTS, TASK_SPECS, TASKS, synthesize
+from unimoe.demo.synth import ABLATION_TASKS, HELDOUT_SPEECH_VARIANTS, TASK_SPECS, TASKS, synthesize
 from unimoe.demo.synth_media import (
     DIRECTIONS,
     SAMPLE_RATE,
@@ -105,6 +105,60 @@ def test_captions_describe_the_media(synth_dir: Path) -> None:
             assert captions == [f"a {answer} sound"]
         else:
             assert answer in captions[0].split(), r["id"]
+
+
+@pytest.fixture(scope="module")
+def ablation_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("ablation-suite")
+    counts = {task: 4 + 2 * i for i, task in enumerate(ABLATION_TASKS)}
+    counts["audio_pair_second"] = 4  # in the package, not in the suite
+    synthesize(out, seed=0, n_train=counts, n_heldout=2, tasks=list(counts))
+    return out
+
+
+def test_ablation_suite_records_counts_and_media(ablation_dir: Path) -> None:
+    records = _load(ablation_dir, "train")
+    expected = {t: 4 + 2 * i for i, t in enumerate(ABLATION_TASKS)} | {"audio_pair_second": 4}
+    assert Counter(r["task"] for r in records) == expected
+    assert Counter(r["task"] for r in _load(ablation_dir, "heldout")) == dict.fromkeys(expected, 2)
+    for r in records:
+        human, gpt = r["conversations"]
+        assert gpt["value"] in r["choices"] == list(TASK_SPECS[r["task"]].choices)
+        assert "{" not in human["value"], r["id"]  # every question template filled
+        media = _media_paths(r)
+        assert re.findall(r"<(image|video|speech|audio)>", human["value"]) == [k for k, _ in media]
+        assert all((ablation_dir / p).is_file() for _, p in media) and len(r["captions"]) == len(media)
+    pairs = [r for r in records if r["task"] == "image_pair_color"]
+    assert all(isinstance(r["image"], list) and len(r["image"]) == 2 for r in pairs)
+
+
+def test_ablation_answers_follow_from_the_media(ablation_dir: Path) -> None:
+    """Each answer checked against the captions (which are written from the same draws as the media)."""
+    for r in _load(ablation_dir, "train") + _load(ablation_dir, "heldout"):
+        question, answer = r["conversations"][0]["value"].split("\n")[-1], r["conversations"][1]["value"]
+        words = [c.split() for c in r["captions"]]
+        if r["task"] == "image_pair_color":  # "a {color} {shape}" twice, different shapes and colours
+            (_, c1, s1), (_, c2, s2) = words
+            assert s1 != s2 and c1 != c2
+            asked = question.rstrip("?").split()[-1] if "have" not in question else question.split()[-2]
+            assert answer == (c1 if asked == s1 else c2) and asked in (s1, s2), r["id"]
+        elif r["task"] in ("image_pair_same", "audio_pair_same"):
+            column = 2 if r["task"] == "image_pair_same" else 1  # "a {color} {shape}", "a {kind} sound"
+            assert (words[0][column] == words[1][column]) == (answer == "yes"), r["id"]
+        elif r["task"] == "video_check":  # "a {color} {shape} moving {direction}"
+            _, color, shape, _, direction = words[0]
+            wrong = [w for w in (color, shape, direction) if w not in question.rstrip("?").split()]
+            assert len(wrong) == (0 if answer == "yes" else 1), (r["id"], question, r["captions"])
+        elif r["task"] in ("speech_pair_second", "audio_pair_second"):
+            assert answer == words[1][-1 if r["task"] == "speech_pair_second" else 1], r["id"]
+        elif r["task"] in ("cross_speech_image", "cross_speech_video"):
+            shape, word = words[0][2], words[1][-1]
+            assert (shape == word) == (answer == "yes"), r["id"]
+
+
+def test_ablation_counts_must_name_every_task(tmp_path: Path) -> None:
+    with pytest.raises(UniMoeInputError, match="video_check"):
+        synthesize(tmp_path, n_train={"image_pair_same": 2}, tasks=["image_pair_same", "video_check"])
 
 
 def test_answers_are_balanced(tmp_path: Path) -> None:

@@ -26,6 +26,7 @@ two media of one modality in a prompt, questions that bind attributes, and a sec
   gets exactly one of the three attributes wrong.
 - ``speech_pair_second``: two spoken words -> the second word.
 - ``audio_pair_second``: two sounds -> the second sound.
+- ``audio_pair_same``: two sounds -> yes/no, whether they are of the same kind.
 - ``cross_speech_video``: a clip plus a spoken shape name -> yes/no, whether the word names the moving
   shape.
 
@@ -181,6 +182,11 @@ TASK_SPECS: dict[str, TaskSpec] = {
             ("What is the second sound?", "Which sound comes second?"),
         ),
         TaskSpec(
+            "audio_pair_same",
+            ("yes", "no"),
+            ("Are the two sounds of the same kind?", "Do you hear the same sound twice?"),
+        ),
+        TaskSpec(
             "cross_speech_video",
             ("yes", "no"),
             (
@@ -197,7 +203,7 @@ ABLATION_TASKS: tuple[str, ...] = (
     "image_pair_same",
     "video_check",
     "speech_pair_second",
-    "audio_pair_second",
+    "audio_pair_same",
     "cross_speech_image",
     "cross_speech_video",
 )
@@ -313,6 +319,12 @@ def _make_audio_pair_second(answer: str, rng: np.random.Generator, ctx: _Context
     ]
 
 
+def _make_audio_pair_same(answer: str, rng: np.random.Generator, ctx: _Context) -> Made:
+    first = _pick(SOUNDS, rng)
+    second = first if answer == "yes" else _other(SOUNDS, first, rng)
+    return [("audio", render_sound(k, rng), f"a {k} sound") for k in (first, second)]
+
+
 def _make_cross_speech_video(answer: str, rng: np.random.Generator, ctx: _Context) -> Made:
     shape = _pick(SHAPES, rng)
     word = shape if answer == "yes" else _other(SHAPES, shape, rng)
@@ -333,6 +345,7 @@ _MAKERS: dict[str, Callable[[str, np.random.Generator, _Context], Made]] = {
     "video_check": _make_video_check,
     "speech_pair_second": _make_speech_pair_second,
     "audio_pair_second": _make_audio_pair_second,
+    "audio_pair_same": _make_audio_pair_same,
     "cross_speech_video": _make_cross_speech_video,
 }
 
