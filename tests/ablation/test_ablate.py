@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
+from unimoe.ablation import AblationSettings, run_ablation
 from unimoe.cli import main
 from unimoe.demo.synth import ABLATION_TASKS
 
@@ -49,3 +52,13 @@ def test_quick_ablation_writes_the_report_and_resumes(tmp_path: Path, capsys) ->
     again = json.loads((out / "report.json").read_text())
     assert list(again["variants"]) == ["dense", "uni-moe"]
     assert again["variants"]["uni-moe"]["accuracy"] == report["variants"]["uni-moe"]["accuracy"]
+
+
+def test_own_data_needs_a_base_model_and_both_files(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="--data needs --base"):
+        run_ablation(AblationSettings(out_dir=str(tmp_path / "a"), data_dir=str(tmp_path)))
+    (tmp_path / "train.json").write_text("[]")
+    with pytest.raises(FileNotFoundError, match="heldout.json"):
+        run_ablation(
+            AblationSettings(out_dir=str(tmp_path / "b"), data_dir=str(tmp_path), base=str(tmp_path))
+        )

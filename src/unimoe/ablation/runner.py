@@ -168,19 +168,17 @@ class _Seed:
         engine = UniMoeEngine.load(str(mixed["final_dir"]), device="cpu", dtype="float32")
         tasks = evaluate(heldout, answerer(engine, self.data_dir, 32), control_seed=self.seed)
         tasks.pop("_predictions")
+        before = stage2 if spec.uses_stage2 and stage2 else {"steps": 0, "wall_seconds": 0.0}
         result: dict[str, Any] = {
             "variant": spec.name,
             "seed": self.seed,
             "tasks": tasks,
             "train": {
                 "mixed_steps": mixed["steps"],
-                "stage2_steps": stage2["steps"] if spec.uses_stage2 and stage2 else 0,
-                "samples": (mixed["steps"] + (stage2["steps"] if spec.uses_stage2 and stage2 else 0))
-                * self.settings.batch_size,
+                "stage2_steps": before["steps"],
+                "samples": (mixed["steps"] + before["steps"]) * self.settings.batch_size,
                 "final_loss": mixed["losses"][-1] if mixed["losses"] else None,
-                "wall_seconds": round(
-                    mixed["wall_seconds"] + (stage2["wall_seconds"] if spec.uses_stage2 and stage2 else 0), 1
-                ),
+                "wall_seconds": round(mixed["wall_seconds"] + before["wall_seconds"], 1),
             },
             "parameters": _parameter_counts(engine.model),
         }
@@ -276,6 +274,9 @@ def _synthesize_suite(settings: AblationSettings, data_dir: Path) -> None:
     synthesize(
         data_dir, seed=settings.data_seed, n_train=counts, n_heldout=settings.n_heldout, tasks=list(counts)
     )
+    missing = [name for name in ("train.json", "heldout.json") if not (data_dir / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"ablate: {data_dir} has no {' or '.join(missing)}")
     heldout = json.loads((data_dir / "heldout.json").read_text())
     kept = [r for r in heldout if r["task"] in settings.train_counts]
     (data_dir / "heldout.json").write_text(json.dumps(kept, indent=1) + "\n")
@@ -296,12 +297,20 @@ def run_ablation(settings: AblationSettings) -> dict[str, Any]:
         raise ValueError(f"unknown variant(s) {unknown}; {settings.variants_dir} has {list(available)}")
     variants = [available[n] for n in names]
 
+    if settings.data_dir is not None and settings.base is None:
+        raise ValueError(
+            "ablate: --data needs --base, a dense model with pre-trained encoders (stage 0 and the "
+            "text warm-up are made for the synthetic suite)"
+        )
     if settings.data_dir is None:
         data_dir = out / "data"
         if not (data_dir / "heldout.json").is_file():
             _synthesize_suite(settings, data_dir)
     else:
         data_dir = Path(settings.data_dir)
+    missing = [name for name in ("train.json", "heldout.json") if not (data_dir / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"ablate: {data_dir} has no {' or '.join(missing)}")
     heldout = json.loads((data_dir / "heldout.json").read_text())
     if settings.base is None:
         base, stage0_seconds = _stage0(settings, out / "encoders")

@@ -73,4 +73,4 @@ CLAIMS = {
     "token's modality than generic-moe's, and most of a modality's tokens pick its own expert first.",
 }
 # the commit that fixed this file, the suite and the dense results before any MoE variant ran
-PREREGISTRATION_COMMIT: str | None = None
+PREREGISTRATION_COMMIT: str | None = "6e93bc5189fac5fe66ff047e1bca2f445a2a49bf"
