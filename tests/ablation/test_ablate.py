@@ -6,12 +6,17 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
-from unimoe.ablation import AblationSettings, run_ablation
+from unimoe.ablation import AblationSettings, run_ablation, suite
 from unimoe.cli import main
 from unimoe.demo.synth import ABLATION_TASKS
 
 VERDICTS = {"held", "contradicted", "not shown"}
+
+
+def _stage1_tasks(out: Path) -> list[str] | None:
+    return yaml.safe_load((out / "seed0" / "stage1" / "recipe.yaml").read_text())["data"]["tasks"]
 
 
 def test_quick_ablation_writes_the_report_and_resumes(tmp_path: Path, capsys) -> None:
@@ -52,6 +57,17 @@ def test_quick_ablation_writes_the_report_and_resumes(tmp_path: Path, capsys) ->
     again = json.loads((out / "report.json").read_text())
     assert list(again["variants"]) == ["dense", "uni-moe"]
     assert again["variants"]["uni-moe"]["accuracy"] == report["variants"]["uni-moe"]["accuracy"]
+
+    # own data and a given base model: no stage 0, no text warm-up, stage 1 on all of the data
+    own = tmp_path / "own"
+    args = ["--data", str(out / "data"), "--base", str(out / "encoders"), "--variants", "dense,uni-moe"]
+    assert main(["ablate", "--quick", "--out-dir", str(own), *args]) == 0
+    assert not (own / "encoders").exists() and not (own / "seed0" / "text").exists()
+    stage1 = json.loads((own / "seed0" / "stage1" / "summary.json").read_text())
+    assert stage1["steps"] == 10
+    assert _stage1_tasks(own) is None
+    assert _stage1_tasks(out) == list(suite.PERCEPTION_COUNTS)  # the suite aligns on perception tasks
+    assert list(json.loads((own / "report.json").read_text())["variants"]) == ["dense", "uni-moe"]
 
 
 def test_own_data_needs_a_base_model_and_both_files(tmp_path: Path) -> None:
