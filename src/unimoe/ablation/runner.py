@@ -203,8 +203,9 @@ def _stage2_experts() -> list[str]:
 
 def _initial_model(spec: VariantSpec, stage1: Path, stage2: dict | None, out: Path) -> tuple[Path, list[str]]:
     """The variant's model before the mixed stage and its expert names (one per slot)."""
-    if (out / "config.json").is_file():
-        return out, json.loads((out / "experts.json").read_text())
+    done = out / "experts.json"  # written last
+    if done.is_file():
+        return out, json.loads(done.read_text())
     if spec.init == "widened":
         widen(stage1, out, spec.top_k)
         names: list[str] = []
@@ -224,7 +225,7 @@ def _initial_model(spec: VariantSpec, stage1: Path, stage2: dict | None, out: Pa
             connectors = stage2["connector_files"]
             names = [Path(f).stem for f in files]
         upcycle(stage1, files, out, connectors=connectors, router=spec.router, top_k=spec.top_k)
-    (out / "experts.json").write_text(json.dumps(names))
+    done.write_text(json.dumps(names))
     return out, names
 
 
