@@ -10,7 +10,7 @@ import yaml
 
 from unimoe.ablation import AblationSettings, run_ablation, suite
 from unimoe.cli import main
-from unimoe.demo.synth import ABLATION_TASKS
+from unimoe.demo.tasks import ABLATION_TASKS
 
 VERDICTS = {"held", "contradicted", "not shown"}
 

@@ -65,6 +65,12 @@ def test_accuracy_is_aggregated_over_seeds(report: dict) -> None:
     assert (uni["vs_dense"]["wins"], uni["vs_dense"]["pairs"]) == (9, 9)
     assert report["tasks"]["t2"] == {"chance": 0.25, "heldout": 20}
     assert (report["wall_seconds"], report["stage0_seconds"]) == (60.0, 5.0)  # summed over runs
+    assert report["summary"]["minus_dense"] == {
+        "generic-moe": pytest.approx(0.05),
+        "uni-moe": pytest.approx(0.1),
+    }
+    assert report["summary"]["mean_accuracy"]["dense"] == pytest.approx(dense["mean_accuracy"]["mean"])
+    assert report["summary"]["claims"] == {"a": "held", "b": "held", "c": "held"}
 
 
 def test_claims_follow_the_preregistered_criteria(report: dict) -> None:

@@ -13,7 +13,7 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
-from unimoe.demo.synth import ABLATION_TASKS, HELDOUT_SPEECH_VARIANTS, TASK_SPECS, TASKS, synthesize
+from unimoe.demo.synth import synthesize
 from unimoe.demo.synth_media import (
     DIRECTIONS,
     SAMPLE_RATE,
@@ -24,6 +24,7 @@ from unimoe.demo.synth_media import (
     render_moving_shape,
     render_sound,
 )
+from unimoe.demo.tasks import ABLATION_TASKS, HELDOUT_SPEECH_VARIANTS, TASK_SPECS, TASKS
 from unimoe.errors import UniMoeInputError
 
 N_TRAIN, N_HELDOUT, N_FRAMES = 6, 3, 8

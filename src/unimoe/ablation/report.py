@@ -148,13 +148,23 @@ def build_report(
         if summary:
             entry["routing"] = routing[spec.name] = summary
         out_variants[spec.name] = entry
+    claims = _claims(by_variant, routing, samples)
+    wall_seconds = round(sum(i["wall_seconds"] for i in invocations), 1)
     return {
+        "summary": {  # the headline numbers: mean accuracy, each variant minus dense, the verdicts
+            "mean_accuracy": {n: v["mean_accuracy"]["mean"] for n, v in out_variants.items()},
+            "minus_dense": {
+                n: v["vs_dense"]["mean_difference"] for n, v in out_variants.items() if v["vs_dense"]
+            },
+            "claims": {k: c["verdict"] for k, c in claims.items()},
+            "wall_minutes": round(wall_seconds / 60, 1),
+        },
         "preregistration_commit": suite.PREREGISTRATION_COMMIT,
-        "claims": _claims(by_variant, routing, samples),
+        "claims": claims,
         "variants": out_variants,
         "tasks": {t: {"chance": first[t]["chance"], "heldout": first[t]["n"]} for t in tasks},
         "seeds": sorted({r["seed"] for r in results}),
-        "wall_seconds": round(sum(i["wall_seconds"] for i in invocations), 1),
+        "wall_seconds": wall_seconds,
         "stage0_seconds": round(sum(i["stage0_seconds"] for i in invocations), 1),
         "invocations": invocations,
         "settings": settings,

@@ -1,7 +1,7 @@
 """What the ablation fixes before any MoE variant runs: the task suite, the budgets, the measures and
 the criteria each claim is judged by.
 
-The suite (``unimoe.demo.synth``, ``ABLATION_TASKS``) is harder than the demo's: two media of one
+The suite (``ABLATION_TASKS`` in ``unimoe.demo.tasks``) is harder than the demo's: two media of one
 modality in a prompt (two images, two spoken words, two sounds), questions that bind attributes
 (the colour of the named one of two shapes; a clip checked against colour, shape and direction at once),
 two cross-modal tasks (speech with an image, speech with a clip), and per-modality imbalance in the
@@ -35,7 +35,7 @@ Claims and their criteria (``held``: the 95% interval lies above 0; ``contradict
 
 from __future__ import annotations
 
-from ..demo.synth import ABLATION_TASKS
+from ..demo.tasks import ABLATION_TASKS
 
 TRAIN_COUNTS: dict[str, int] = {
     "image_pair_color": 400,
