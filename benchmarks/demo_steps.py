@@ -2,10 +2,12 @@
 
 - ``stage3``: one optimizer step of stage 3 on the tiny upcycled MoE model as the demo trains it
   (experts trained fully, LoRA on attention, routers and connectors trained, encoders frozen) on a
-  batch of 16 mixed-task demo samples. Before: the LM head over every position, the MoE experts
-  through ``torch._grouped_mm``, AdamW's per-parameter loop and per-tensor gradient clipping. After:
-  the training loop's path (the LM head at labelled positions only, the per-expert MoE path, fused
-  AdamW, multi-tensor clipping).
+  batch of 16 mixed-task demo samples. Before: the whole CLIP tower (its last layer computed for
+  nothing), one ``masked_scatter`` per modality to place the media features, the LM head over every
+  position, the MoE experts through ``torch._grouped_mm``, AdamW's per-parameter loop and per-tensor
+  gradient clipping. After: the training loop's path (CLIP up to its feature layer, one scatter for
+  all media, the LM head at labelled positions only, the per-expert MoE path, fused AdamW,
+  multi-tensor clipping).
 - ``clip``: one step of stage 0's CLIP pre-training of the tiny vision tower (64 images and 32
   8-frame clips). Before: the whole tower (its last layer computed for nothing), SDPA attention,
   images and clip frames in two passes, AdamW's loop and per-tensor clipping. After:
@@ -27,6 +29,7 @@ import json
 import statistics
 import sys
 import tempfile
+import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -39,12 +42,14 @@ from unimoe.data.dataset import Collator, SupervisedDataset
 from unimoe.demo.encoder_pretraining import ClipObjective
 from unimoe.demo.pipeline import RECIPES, STAGE3_CHOICES
 from unimoe.demo.synth import pretraining_corpus, synthesize
+from unimoe.modeling.modeling_unimoe import UniMoeModel
 from unimoe.modeling.modeling_unimoe_text import combine_losses
 from unimoe.modeling.moe import GroupedExperts
 from unimoe.presets import build_tiny
 from unimoe.training.optim import build_optimizer, clip_gradients
 from unimoe.training.recipe import OptimSpec, load_recipe
 from unimoe.training.run import _build
+from unimoe.training.stages import unwrap_peft
 from unimoe.training.trainer import StepModule
 
 SPEC = OptimSpec(lr=1e-3, weight_decay=0.0, max_grad_norm=1.0)
@@ -73,6 +78,33 @@ class LegacyClipObjective(ClipObjective):
         scores = self.similarity(text_embeds, self.pixel_values[index].unsqueeze(1), None)
         clip_scores = self.similarity(text_embeds, self.clip_pixel_values[picked], None)
         return self.contrastive(torch.cat([scores, clip_scores], dim=1))
+
+
+def legacy_embed_inputs(
+    self: UniMoeModel, input_ids: torch.Tensor, **media: torch.Tensor | None
+) -> torch.Tensor:
+    """Media features placed as before: one ``masked_scatter`` per modality, each a full copy of the
+    embeddings (and a ``masked_select`` in the backward). Well-formed batches only."""
+    placeholders = self.config.placeholder_ids()
+    is_placeholder = sum(input_ids == token_id for token_id in placeholders.values()).bool()
+    embeds = self.get_input_embeddings()(input_ids.masked_fill(is_placeholder, 0))
+    features = self.media_embeddings(**media)
+    for modality, token_id in placeholders.items():
+        if modality in features:
+            mask = (input_ids == token_id).unsqueeze(-1)
+            embeds = embeds.masked_scatter(mask, features[modality].to(embeds.dtype))
+    return embeds
+
+
+def legacy_encode_images(
+    self: UniMoeModel, pixel_values: torch.Tensor, modality: str = "image"
+) -> torch.Tensor:
+    """CLIP features as before: the whole tower (its later layers computed for nothing), the feature
+    layer picked from every layer's recorded hidden states."""
+    tower, _ = self._parts(modality)
+    with self._encoder_context(tower):
+        out = tower(pixel_values.to(self.dtype), output_hidden_states=True)
+        return out.hidden_states[self.config.vision_feature_layer][:, 1:]
 
 
 def legacy_optimizer(params: list[nn.Parameter]) -> torch.optim.Optimizer:
@@ -138,6 +170,9 @@ def stage3_steps(args: argparse.Namespace, data_dir: Path, work: Path) -> dict[s
         step_module = StepModule(copy.deepcopy(module)).train()
         fast = version == "after"
         if not fast:
+            inner = unwrap_peft(step_module.model).model
+            inner.embed_inputs = types.MethodType(legacy_embed_inputs, inner)
+            inner.encode_images = types.MethodType(legacy_encode_images, inner)
             for experts in step_module.modules():
                 if isinstance(experts, GroupedExperts):
                     experts.dispatch = "grouped_mm"

@@ -156,7 +156,7 @@ def test_batched_generation_equals_alone_and_cache_equals_no_cache(tiny, fixture
 def test_decode_steps_do_not_reencode_media(tiny, fixtures_dir):
     model, proc = tiny
     calls = []
-    hook = model.model.vision_tower.register_forward_hook(lambda *a: calls.append(1))
+    hook = model.model.vision_tower.embeddings.register_forward_hook(lambda *a: calls.append(1))
     try:
         inputs = proc.apply_chat_template(multimodal_messages(fixtures_dir)[0], add_generation_prompt=True)
         model.generate(**inputs, max_new_tokens=5, do_sample=False)
@@ -172,6 +172,52 @@ def test_placeholder_feature_mismatch_raises(tiny, fixtures_dir):
         model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"].repeat(2, 1, 1, 1))
     with pytest.raises(UniMoeInputError, match="image"):
         model(input_ids=batch["input_ids"])
+
+
+def test_media_features_land_on_their_placeholders_in_order(tiny, monkeypatch):
+    """Each modality's feature rows fill its placeholders in row-major order, whatever the interleaving
+    across samples; gradients reach the features. Reference: a loop over positions."""
+    model, _ = tiny
+    inner = model.model
+    ids = inner.config.placeholder_ids()
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(3, 500, (3, 20), generator=generator)
+    layout = {(0, 2): "image", (0, 3): "image", (0, 9): "audio", (1, 0): "audio", (1, 5): "image"}
+    layout |= {(2, 7): "speech", (2, 8): "speech", (2, 19): "image", (1, 19): "video"}
+    for (row, col), modality in layout.items():
+        input_ids[row, col] = ids[modality]
+    width = inner.config.text_config.hidden_size
+    features = {}
+    for modality in ids:
+        count = sum(m == modality for m in layout.values())
+        features[modality] = torch.randn(count, width, generator=generator, requires_grad=True)
+    monkeypatch.setattr(inner, "media_embeddings", lambda **media: features)
+    embeds = inner.embed_inputs(input_ids)
+    expected = inner.get_input_embeddings()(input_ids.clamp(max=499)).detach().clone()
+    seen = dict.fromkeys(ids, 0)
+    for (row, col), modality in sorted(layout.items()):
+        expected[row, col] = features[modality][seen[modality]].detach()
+        seen[modality] += 1
+    torch.testing.assert_close(embeds, expected, rtol=0, atol=0)
+    weights = torch.randn(embeds.shape, generator=generator)
+    (embeds * weights).sum().backward()
+    for (row, col), modality in sorted(layout.items()):
+        index = sorted(p for p, m in layout.items() if m == modality).index((row, col))
+        torch.testing.assert_close(features[modality].grad[index], weights[row, col])
+
+
+@pytest.mark.parametrize("feature_layer", [-2, -1, 1, 0])
+def test_image_features_are_the_towers_hidden_state(tiny, monkeypatch, feature_layer):
+    """``encode_images`` stops the tower at its feature layer; the features are those of the whole
+    tower's ``hidden_states[feature_layer]`` (transformers' own forward), CLS dropped."""
+    model, _ = tiny
+    inner = model.model
+    monkeypatch.setattr(inner.config, "vision_feature_layer", feature_layer)
+    size = inner.config.vision_config.image_size
+    pixels = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = inner.vision_tower(pixels, output_hidden_states=True).hidden_states[feature_layer][:, 1:]
+        torch.testing.assert_close(inner.encode_images(pixels), expected, rtol=1e-6, atol=1e-6)
 
 
 def test_save_load_round_trip_with_processor(tiny, tmp_path, fixtures_dir):

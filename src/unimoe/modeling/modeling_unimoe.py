@@ -109,9 +109,14 @@ class UniMoeModel(UniMoePreTrainedModel):
     def encode_images(self, pixel_values: torch.Tensor, modality: str = "image") -> torch.Tensor:
         """``[N, 3, H, W]`` -> CLIP patch features of ``vision_feature_layer``, CLS dropped: ``[N, P, Dv]``."""
         tower, _ = self._parts(modality)
+        layers = tower.encoder.layers
+        depth = self.config.vision_feature_layer % (len(layers) + 1)  # hidden state k: after k layers
         with self._encoder_context(tower):
-            out = tower(pixel_values.to(self.dtype), output_hidden_states=True)
-            return out.hidden_states[self.config.vision_feature_layer][:, 1:]
+            # the tower's own forward up to that layer: the layers after it cannot change the features
+            hidden = tower.pre_layrnorm(tower.embeddings(pixel_values.to(self.dtype)))
+            for layer in layers[:depth]:
+                hidden = layer(hidden, None)
+            return hidden[:, 1:]
 
     def image_embeddings(self, pixel_values: torch.Tensor, modality: str = "image") -> torch.Tensor:
         """``[N, 3, H, W]`` -> ``[N * P, D]`` LLM inputs."""
@@ -174,17 +179,20 @@ class UniMoeModel(UniMoePreTrainedModel):
         if not is_placeholder.any() and not any(v is not None and v.numel() for v in media.values()):
             return embeds
         features = self.media_embeddings(**media)
+        positions, rows = [], []
         for modality, token_id in placeholders.items():
-            mask = input_ids == token_id  # [B, S]
+            where = (input_ids == token_id).flatten().nonzero().squeeze(1)  # row-major, as the media come
             feats = features.get(modality)
-            count = int(mask.sum())
-            rows = 0 if feats is None else feats.shape[0]
-            if count != rows:
+            count = 0 if feats is None else feats.shape[0]
+            if len(where) != count:
                 raise UniMoeInputError(
-                    f"{modality}: {count} placeholder tokens in the prompt but {rows} feature vectors from the media"
+                    f"{modality}: {len(where)} placeholder tokens in the prompt but {count} feature vectors from the media"
                 )
-            if rows:
-                embeds = embeds.masked_scatter(mask.unsqueeze(-1), feats.to(embeds.dtype))
+            if count:
+                positions.append(where)
+                rows.append(feats.to(embeds.dtype))
+        if positions:  # one scatter for all modalities (its backward: one gather)
+            embeds = embeds.flatten(0, 1).index_copy(0, torch.cat(positions), torch.cat(rows)).view_as(embeds)
         return embeds
 
     def token_modalities(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None):
