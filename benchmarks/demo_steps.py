@@ -4,10 +4,10 @@
   (experts trained fully, LoRA on attention, routers and connectors trained, encoders frozen) on a
   batch of 16 mixed-task demo samples. Before: the whole CLIP tower (its last layer computed for
   nothing), one ``masked_scatter`` per modality to place the media features, the LM head over every
-  position, the MoE experts through ``torch._grouped_mm``, AdamW's per-parameter loop and per-tensor
-  gradient clipping. After: the training loop's path (CLIP up to its feature layer, one scatter for
-  all media, the LM head at labelled positions only, the per-expert MoE path, fused AdamW,
-  multi-tensor clipping).
+  position, the MoE experts through ``torch._grouped_mm`` on every token (padding too), AdamW's
+  per-parameter loop and per-tensor gradient clipping. After: the training loop's path (CLIP up to
+  its feature layer, one scatter for all media, the LM head at labelled positions only, the
+  per-expert MoE path on real tokens only, fused AdamW, multi-tensor clipping).
 - ``clip``: one step of stage 0's CLIP pre-training of the tiny vision tower (64 images and 32
   8-frame clips). Before: the whole tower (its last layer computed for nothing), SDPA attention,
   images and clip frames in two passes, AdamW's loop and per-tensor clipping. After:
@@ -44,7 +44,7 @@ from unimoe.demo.pipeline import RECIPES, STAGE3_CHOICES
 from unimoe.demo.synth import pretraining_corpus, synthesize
 from unimoe.modeling.modeling_unimoe import UniMoeModel
 from unimoe.modeling.modeling_unimoe_text import combine_losses
-from unimoe.modeling.moe import GroupedExperts
+from unimoe.modeling.moe import GroupedExperts, UniMoeSparseMoeBlock
 from unimoe.presets import build_tiny
 from unimoe.training.optim import build_optimizer, clip_gradients
 from unimoe.training.recipe import OptimSpec, load_recipe
@@ -173,9 +173,11 @@ def stage3_steps(args: argparse.Namespace, data_dir: Path, work: Path) -> dict[s
             inner = unwrap_peft(step_module.model).model
             inner.embed_inputs = types.MethodType(legacy_embed_inputs, inner)
             inner.encode_images = types.MethodType(legacy_encode_images, inner)
-            for experts in step_module.modules():
-                if isinstance(experts, GroupedExperts):
-                    experts.dispatch = "grouped_mm"
+            for part in step_module.modules():
+                if isinstance(part, GroupedExperts):
+                    part.dispatch = "grouped_mm"
+                if isinstance(part, UniMoeSparseMoeBlock):  # padding tokens through the experts too
+                    part.forward = lambda hidden, token_mask=None, forward=part.forward: forward(hidden)
 
         def loss(m: StepModule = step_module, fast: bool = fast) -> torch.Tensor:
             if fast:

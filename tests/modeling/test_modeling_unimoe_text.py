@@ -114,6 +114,28 @@ def test_generate_with_and_without_cache_batched():
     assert torch.equal(alone[0], cached[1])
 
 
+def test_right_padded_batch_equals_each_sample_alone():
+    """Loss terms and logits at real positions of a right-padded training batch are those of each
+    sample run alone (no padding): padding tokens, which skip the experts, change nothing real."""
+    moe = tiny_moe(num_experts=4).train()
+    torch.manual_seed(1)
+    lengths = [8, 5, 3]
+    ids = torch.randint(3, 96, (3, 8))
+    mask = (torch.arange(8)[None] < torch.tensor(lengths)[:, None]).long()
+    ids = ids.masked_fill(mask == 0, 0)
+    labels = ids.masked_fill(mask == 0, -100)
+    batched = moe(input_ids=ids, attention_mask=mask, labels=labels)
+    for row, n in enumerate(lengths):
+        alone = moe(input_ids=ids[row : row + 1, :n], labels=labels[row : row + 1, :n])
+        torch.testing.assert_close(batched.logits[row, :n], alone.logits[0], rtol=1e-5, atol=1e-5)
+    tokens = sum(n - 1 for n in lengths)  # the mean loss over all predicted tokens
+    per_sample = [
+        moe(input_ids=ids[r : r + 1, :n], labels=labels[r : r + 1, :n]).lm_loss for r, n in enumerate(lengths)
+    ]
+    expected = sum(loss * (n - 1) for loss, n in zip(per_sample, lengths)) / tokens
+    torch.testing.assert_close(batched.lm_loss, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_save_load_round_trip_and_auto_class(tmp_path):
     moe = tiny_moe(router="softmax_topk", num_experts=8, moe_layers="even", expert_lora_rank=4)
     moe.save_pretrained(tmp_path)

@@ -49,6 +49,30 @@ def test_block_matches_per_expert_loop(router, dispatch):
     torch.testing.assert_close(y, reference_moe(block, x), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dispatch", ["grouped_mm", "loop"])
+def test_padding_tokens_reach_no_expert(dispatch):
+    """With a token mask, real tokens get the reference output, padding tokens zero, and the experts see
+    only the real tokens' slots; router logits and choices cover every token."""
+    torch.manual_seed(0)
+    block = UniMoeSparseMoeBlock(tiny_config(num_experts=4, num_experts_per_tok=2, moe_dispatch=dispatch))
+    x = torch.randn(3, 7, 32)
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[0, 5:] = 0
+    mask[2, 1:] = 0
+    rows = []
+    hook = block.experts.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
+    out, logits, experts = block(x, mask)
+    hook.remove()
+    real = mask.bool()
+    torch.testing.assert_close(out[real], reference_moe(block, x)[real], rtol=1e-5, atol=1e-5)
+    assert torch.equal(out[~real], torch.zeros_like(out[~real]))
+    assert rows == [2 * int(real.sum())]
+    assert logits.shape == (21, 4) and experts.shape == (21, 2)
+    full_out, full_logits, full_experts = block(x)
+    torch.testing.assert_close(logits, full_logits)
+    assert torch.equal(experts, full_experts)
+
+
 def test_routers_agree_for_top2_and_differ_in_normalisation():
     # with k=2 the softmax over the 2 chosen logits equals the renormalised full softmax
     logits = torch.randn(50, 8)

@@ -67,8 +67,10 @@ class UniMoeDecoderLayer(GradientCheckpointingLayer):
         position_ids: torch.LongTensor | None = None,
         cache: Cache | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        token_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """``token_mask`` ``[B, S]`` (0 on padding): the MoE FFN skips padding tokens."""
         cache = pop_cache(cache, kwargs)
         residual = hidden_states
         hidden_states, _ = self.self_attn(
@@ -84,7 +86,7 @@ class UniMoeDecoderLayer(GradientCheckpointingLayer):
         hidden_states = self.post_attention_layernorm(hidden_states)
         router_logits = expert_indices = None
         if self.is_moe:
-            hidden_states, router_logits, expert_indices = self.mlp(hidden_states)
+            hidden_states, router_logits, expert_indices = self.mlp(hidden_states, token_mask)
         else:
             hidden_states = self.mlp(hidden_states)
         return residual + hidden_states, router_logits, expert_indices
@@ -164,6 +166,9 @@ class UniMoeTextModel(UniMoeTextPreTrainedModel):
             position_ids=position_ids,
             **cache_kwargs(cache),
         )
+        token_mask = None  # the current tokens' padding mask, when there is padding: MoE layers skip it
+        if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
+            token_mask = attention_mask[:, -inputs_embeds.shape[1] :]
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
         all_hidden: list[torch.Tensor] = []
@@ -178,6 +183,7 @@ class UniMoeTextModel(UniMoeTextPreTrainedModel):
                 position_ids=position_ids,
                 cache=cache,
                 position_embeddings=position_embeddings,
+                token_mask=token_mask,
                 **kwargs,
             )
             if logits is not None:

@@ -386,9 +386,15 @@ class UniMoeSparseMoeBlock(nn.Module):
             return None
         return math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_experts)
 
-    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(
+        self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``hidden_states``: ``[B, S, D]``. Returns ``(output [B, S, D], router_logits [T, E],
-        experts [T, k])`` with T = B * S."""
+        experts [T, k])`` with T = B * S.
+
+        ``token_mask`` (``[B, S]``, 0 on padding): padding tokens are routed (their router logits and
+        choices are returned) but reach no expert, and their output is zero. No real token can see
+        them (the attention mask hides them), so this only skips work."""
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])  # x: [T, D]
         num_tokens = x.shape[0]
@@ -398,14 +404,18 @@ class UniMoeSparseMoeBlock(nn.Module):
         # slot j * T + t is token t's j-th choice: sorting by expert keeps first choices first
         flat_experts = experts.t().reshape(-1)  # [k*T]
         order = torch.argsort(flat_experts, stable=True)  # [k*T]
-        counts = torch.bincount(flat_experts, minlength=self.num_experts)  # [E]
+        if token_mask is not None:
+            real = token_mask.reshape(-1).to(torch.bool)  # [T]
+            order = order[real.repeat(self.top_k)[order]]  # the slots of real tokens, still sorted
+            num_tokens = int(real.sum())
+        counts = torch.bincount(flat_experts[order], minlength=self.num_experts)  # [E]
         capacity = self.capacity(num_tokens)
         if capacity is not None:
             starts = counts.cumsum(0) - counts
             position = torch.arange(order.numel(), device=x.device) - starts[flat_experts[order]]
             order = order[position < capacity]
             counts = counts.clamp(max=capacity)
-        token = order % num_tokens  # [N]
+        token = order % x.shape[0]  # [N]
         slot_weights = weights.t().reshape(-1)[order]  # [N]
 
         # index_select: its backward is an index_add_, cheaper than x[token]'s accumulating index_put_
