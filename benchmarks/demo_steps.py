@@ -10,9 +10,9 @@
   per-expert MoE path on real tokens only, fused AdamW, multi-tensor clipping).
 - ``clip``: one step of stage 0's CLIP pre-training of the tiny vision tower (64 images and 32
   8-frame clips). Before: the whole tower (its last layer computed for nothing), SDPA attention,
-  images and clip frames in two passes, AdamW's loop and per-tensor clipping. After:
-  ``ClipObjective`` (the tower up to the feature layer, eager attention, one pass) with fused AdamW
-  and multi-tensor clipping.
+  images and clip frames in two passes, the text tower on all 96 captions, AdamW's loop and
+  per-tensor clipping. After: ``ClipObjective`` (the tower up to the feature layer, eager attention,
+  one pass, the text tower once per distinct caption) with fused AdamW and multi-tensor clipping.
 
 Both versions start from the same weights; each round times each once, alternating; medians over
 ``--repeats`` rounds. ``--profile`` adds the ``torch.profiler`` table of the top operators of each
@@ -56,7 +56,8 @@ SPEC = OptimSpec(lr=1e-3, weight_decay=0.0, max_grad_norm=1.0)
 
 
 class LegacyClipObjective(ClipObjective):
-    """The CLIP pre-training step as it was: the whole tower with SDPA, two passes per step."""
+    """The CLIP pre-training step as it was: the whole tower with SDPA, two passes per step, the text
+    tower on every caption."""
 
     def __init__(self, tower, *args, feature_layer: int = -2, **kwargs):
         full = -1  # ClipObjective keeps the layers up to its feature layer: all of them here
@@ -74,7 +75,7 @@ class LegacyClipObjective(ClipObjective):
 
     def loss(self, index):
         caption_index, picked = self.captions_for(index)
-        text_embeds = self.caption_embeddings(caption_index)
+        text_embeds = self.text_embeddings(self.text_of[caption_index])  # every caption, repeats too
         scores = self.similarity(text_embeds, self.pixel_values[index].unsqueeze(1), None)
         clip_scores = self.similarity(text_embeds, self.clip_pixel_values[picked], None)
         return self.contrastive(torch.cat([scores, clip_scores], dim=1))

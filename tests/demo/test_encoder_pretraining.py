@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from unimoe.demo.encoder_pretraining import (
+    ClipObjective,
     character_ids,
     pretrain_audio,
     pretrain_encoders,
@@ -79,6 +80,36 @@ def test_vision_pretraining_learns_and_writes_back(tiny, corpus):
     assert len(losses) == 60 and all(np.isfinite(losses))
     assert _mean(losses[-10:]) < 0.8 * _mean(losses[:10])
     assert _changed(before, tower)
+
+
+def test_repeated_captions_are_embedded_once_with_the_same_result(tiny, corpus):
+    """The text tower runs once per distinct caption in a batch; embeddings and the gradients they send
+    back equal those of embedding every caption on its own."""
+    model, processor = tiny
+    pixels = torch.stack([processor.featurize("image", im)[0] for im in corpus.images])
+    objective = ClipObjective(model.model.vision_tower, pixels, corpus.captions, processor.tokenizer)
+    same_text = [[a == b for b in corpus.captions] for a in corpus.captions]
+    same_id = (objective.text_of[:, None] == objective.text_of[None, :]).tolist()
+    assert same_id == same_text
+    index = torch.tensor([0, 5, 0, 7, 5, 5, 12])
+    assert len(set(corpus.captions[i] for i in index.tolist())) < len(index)
+    calls = []
+    hook = objective.clip.text_model.register_forward_hook(
+        lambda m, args, kw, out: calls.append(kw), with_kwargs=True
+    )
+    weights = torch.randn(len(index), objective.clip.text_projection.out_features)
+    (objective.caption_embeddings(index) * weights).sum().backward()
+    hook.remove()
+    assert calls[0]["input_ids"].shape[0] == len(set(corpus.captions[i] for i in index.tolist()))
+    grads = {n: p.grad.clone() for n, p in objective.clip.named_parameters() if p.grad is not None}
+    objective.clip.zero_grad()
+    alone = torch.cat([objective.text_embeddings(objective.text_of[i : i + 1]) for i in index])
+    (alone * weights).sum().backward()
+    torch.testing.assert_close(objective.caption_embeddings(index), alone, rtol=1e-5, atol=1e-6)
+    for name, param in objective.clip.named_parameters():
+        if name in grads:
+            scale = float(param.grad.abs().max())  # sums in another order: fp32 rounding of the largest entry
+            torch.testing.assert_close(grads[name], param.grad, rtol=1e-5, atol=1e-6 + 1e-5 * scale, msg=name)
 
 
 def test_speech_pretraining_learns_transcription(tiny, corpus):

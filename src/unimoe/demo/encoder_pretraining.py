@@ -115,7 +115,10 @@ class ClipObjective:
         self.pixel_values, self.clip_pixel_values = pixel_values, clip_pixel_values
         self.n_images = len(captions)
         self.n_clips = 0 if clip_pixel_values is None else len(clip_pixel_values)
-        self.ids, self.mask = _caption_ids([*captions, *clip_captions], tokenizer)
+        texts = [*captions, *clip_captions]
+        distinct = {text: i for i, text in enumerate(dict.fromkeys(texts))}
+        self.text_of = torch.tensor([distinct[text] for text in texts])  # caption -> its distinct text
+        self.ids, self.mask = _caption_ids(list(distinct), tokenizer)
         text = dict(
             vocab_size=len(tokenizer),
             hidden_size=vision.hidden_size,
@@ -164,12 +167,18 @@ class ClipObjective:
         return torch.cat([index, self.n_images + picked]), picked
 
     def caption_embeddings(self, caption_index: torch.Tensor) -> torch.Tensor:
-        """Unit-norm text embeddings ``[texts, d]`` of the captions ``caption_index``."""
+        """Unit-norm text embeddings ``[texts, d]`` of the captions ``caption_index``; the text tower
+        runs once per distinct caption text among them (the synthetic captions repeat)."""
+        distinct, inverse = torch.unique(self.text_of[caption_index], return_inverse=True)
+        return self.text_embeddings(distinct)[inverse]
+
+    def text_embeddings(self, text_index: torch.Tensor) -> torch.Tensor:
+        """Unit-norm text embeddings ``[texts, d]`` of the distinct caption texts ``text_index``."""
         clip = self.clip
         # CLIP's own text pooling takes the highest id for end id 2 (a legacy rule), so pool here.
-        ids, mask = self.ids[caption_index], self.mask[caption_index]
+        ids, mask = self.ids[text_index], self.mask[text_index]
         states = clip.text_model(input_ids=ids, attention_mask=mask).last_hidden_state
-        pooled = states[torch.arange(len(caption_index)), self.last[caption_index]]
+        pooled = states[torch.arange(len(text_index)), self.last[text_index]]
         return nn.functional.normalize(clip.text_projection(pooled), dim=-1)
 
     def contrastive(self, scores: torch.Tensor) -> torch.Tensor:
