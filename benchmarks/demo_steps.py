@@ -16,7 +16,9 @@
 
 Both versions start from the same weights; each round times each once, alternating; medians over
 ``--repeats`` rounds. ``--profile`` adds the ``torch.profiler`` table of the top operators of each
-version. Data loading is not in these steps (the demo encodes its records once per run).
+version and a table of where each step's time goes (data loading, the forward of each part, the
+backward, the optimizer). Data loading is not in the timed steps (the demo encodes its records once
+per run and collates the cached samples afterwards); the table times it on its own.
 
 Run: ``python benchmarks/demo_steps.py [--quick] [--profile] [--json results.json]``.
 """
@@ -29,6 +31,7 @@ import json
 import statistics
 import sys
 import tempfile
+import time
 import types
 from collections.abc import Callable
 from pathlib import Path
@@ -114,14 +117,29 @@ def legacy_optimizer(params: list[nn.Parameter]) -> torch.optim.Optimizer:
 
 
 class Step:
-    """Loss, backward, clipping and an AdamW step, then gradients to None."""
+    """Loss, backward, clipping and an AdamW step, then gradients to None.
 
-    def __init__(self, params: list[nn.Parameter], loss: Callable[[], torch.Tensor], fast: bool):
+    ``parts``: the modules whose forward ``phase_times`` times on its own, by label; ``data``: the
+    data loading that comes before the step, by label (timed on its own, not in the step)."""
+
+    def __init__(
+        self,
+        params: list[nn.Parameter],
+        loss: Callable[[], torch.Tensor],
+        fast: bool,
+        parts: dict[str, list[nn.Module]] | None = None,
+        data: dict[str, Callable[[], Any]] | None = None,
+    ):
         self.params, self.loss, self.fast = params, loss, fast
+        self.parts, self.data = parts or {}, data or {}
         self.optimizer = build_optimizer(params, SPEC) if fast else legacy_optimizer(params)
 
     def __call__(self) -> None:
         self.loss().backward()
+        self.update()
+
+    def update(self) -> None:
+        """Clipping, the optimizer step and zeroing the gradients."""
         if self.fast:
             clip_gradients(self.params, SPEC.max_grad_norm)
         else:
@@ -146,8 +164,10 @@ def clip_steps(args: argparse.Namespace) -> dict[str, Step]:
     assert all(k.startswith("vision_model.encoder.layers.") for k in missing), missing
     steps = {}
     for version, objective in (("before", before), ("after", after)):
+        clip = objective.clip
+        parts = {"forward: text tower": [clip.text_model], "forward: vision tower": [clip.vision_model]}
         steps[version] = Step(
-            list(objective.clip.parameters()), lambda o=objective: o.loss(index), version == "after"
+            list(clip.parameters()), lambda o=objective: o.loss(index), version == "after", parts
         )
     return steps
 
@@ -164,7 +184,13 @@ def stage3_steps(args: argparse.Namespace, data_dir: Path, work: Path) -> dict[s
     dataset = SupervisedDataset(records, processor, data_dir)
     generator = torch.Generator().manual_seed(0)
     chosen = torch.randperm(len(dataset), generator=generator)[: args.batch_size].tolist()
-    batch = Collator(processor)([dataset[i] for i in chosen])
+    collate = Collator(processor)
+    samples = [dataset[i] for i in chosen]
+    batch = collate(samples)
+    data = {  # the demo caches encoded samples: the first epoch encodes, the later ones only collate
+        "data: read + encode media, collate (first epoch)": lambda: collate([dataset[i] for i in chosen]),
+        "data: collate cached samples (later epochs)": lambda: collate(samples),
+    }
     coef = module.base_model.model.config.text_config
     steps = {}
     for version in ("before", "after"):
@@ -194,7 +220,15 @@ def stage3_steps(args: argparse.Namespace, data_dir: Path, work: Path) -> dict[s
             return total + touch
 
         params = [p for p in step_module.parameters() if p.requires_grad]
-        steps[version] = Step(params, loss, fast)
+        inner = unwrap_peft(step_module.model).model
+        vision = inner.vision_tower  # its parts: the feature path calls them without the tower's forward
+        vision_parts = [vision.embeddings, vision.pre_layrnorm, *vision.encoder.layers, vision.post_layernorm]
+        parts = {
+            "forward: frozen encoders": [*vision_parts, inner.speech_encoder, inner.audio_encoder],
+            "forward: connectors": inner.connectors(),
+            "forward: LLM decoder layers": list(inner.language_model.layers),
+        }
+        steps[version] = Step(params, loss, fast, parts, data)
     return steps
 
 
@@ -207,6 +241,56 @@ def check_same_loss(name: str, steps: dict[str, Step]) -> float:
     if difference > 1e-5:
         raise AssertionError(f"{name}: the versions' losses differ: before {before}, after {after}")
     return difference
+
+
+def phase_times(step: Step, rounds: int) -> dict[str, float]:
+    """Median milliseconds per phase of ``step`` over ``rounds`` steps: data loading (``step.data``),
+    the forward of each of ``step.parts`` (forward hooks; ``forward: the rest`` is what remains: the
+    embeddings, the LM head, the losses), the backward and the optimizer (clipping, update, zeroing)."""
+    samples: dict[str, list[float]] = {name: [] for name in step.data}
+    for name, load in step.data.items():
+        for _ in range(rounds):
+            start = time.perf_counter()
+            load()
+            samples[name].append(time.perf_counter() - start)
+    spent: dict[str, float] = {}
+    started: dict[int, float] = {}
+    handles = []
+    for label, modules in step.parts.items():
+        for module in modules:
+            key = id(module)
+            handles.append(
+                module.register_forward_pre_hook(
+                    lambda *_, k=key: started.__setitem__(k, time.perf_counter())
+                )
+            )
+            handles.append(
+                module.register_forward_hook(
+                    lambda *_, k=key, label=label: spent.__setitem__(
+                        label, spent.get(label, 0.0) + time.perf_counter() - started[k]
+                    )
+                )
+            )
+    try:
+        for _ in range(rounds):
+            spent.clear()
+            marks = [time.perf_counter()]
+            loss = step.loss()
+            marks.append(time.perf_counter())
+            loss.backward()
+            marks.append(time.perf_counter())
+            step.update()
+            marks.append(time.perf_counter())
+            for label in step.parts:
+                samples.setdefault(label, []).append(spent.get(label, 0.0))
+            forward = marks[1] - marks[0]
+            samples.setdefault("forward: the rest", []).append(forward - sum(spent.values()))
+            samples.setdefault("backward", []).append(marks[2] - marks[1])
+            samples.setdefault("optimizer", []).append(marks[3] - marks[2])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: statistics.median(values) * 1e3 for name, values in samples.items()}
 
 
 def profile_table(step: Step, rounds: int, rows: int) -> str:
@@ -243,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         workloads = {"stage3": stage3_steps(args, work / "data", work), "clip": clip_steps(args)}
     results: list[dict[str, Any]] = []
     profiles: dict[str, str] = {}
+    phases: dict[str, dict[str, dict[str, float]]] = {}
     for name, steps in workloads.items():
         difference = check_same_loss(name, steps)
         cases = [Case(version, step) for version, step in steps.items()]
@@ -261,6 +346,9 @@ def main(argv: list[str] | None = None) -> int:
                 }
             )
         if args.profile:
+            phases[name] = {
+                version: phase_times(step, rounds=args.repeats) for version, step in steps.items()
+            }
             for version, step in steps.items():
                 profiles[f"{name}/{version}"] = profile_table(step, rounds=5, rows=15)
     headers = ["step", "version", "ms/step", "steps/s", "speedup"]
@@ -269,6 +357,11 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for title, table in profiles.items():
         sys.stdout.write(f"\n{title}: top operators over 5 steps\n{table}\n")
+    for name, by_version in phases.items():
+        labels = list(dict.fromkeys(label for times in by_version.values() for label in times))
+        table = [[label, *(by_version[v].get(label, float("nan")) for v in by_version)] for label in labels]
+        sys.stdout.write(f"\n{name}: where a step's time goes (median ms over {args.repeats} steps)\n")
+        sys.stdout.write(format_table(["phase", *(f"{v} ms" for v in by_version)], table) + "\n\n")
     sys.stdout.write(format_table(headers, rows) + "\n")
     if args.json:
         summary = {f"{r['step']}_speedup": r["speedup"] for r in results if r["version"] == "after"}
@@ -277,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
             "repeats": args.repeats,
             "summary": summary,
             "results": results,
+            "phases": phases,
             "profiles": profiles,
         }
         write_json(args.json, payload)

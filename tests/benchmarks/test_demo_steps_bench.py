@@ -1,5 +1,5 @@
 """Smoke test of the demo-steps benchmark (``train_step.py --demo-steps``): both versions compute the
-same first loss, the table and profiles print, the JSON holds the summary."""
+same first loss, the table, profiles and phase tables print, the JSON holds the summary and phases."""
 
 import json
 import subprocess
@@ -39,3 +39,10 @@ def test_quick_run_checks_both_versions_and_writes_json(tmp_path: Path) -> None:
     )
     assert set(result["summary"]) == {"stage3_speedup", "clip_speedup"}
     assert set(result["profiles"]) == {"stage3/before", "stage3/after", "clip/before", "clip/after"}
+    assert "where a step's time goes" in proc.stdout
+    stage3 = result["phases"]["stage3"]["after"]
+    assert {"forward: frozen encoders", "forward: LLM decoder layers", "backward", "optimizer"} <= set(stage3)
+    assert "data: collate cached samples (later epochs)" in stage3
+    clip = result["phases"]["clip"]["before"]
+    assert {"forward: text tower", "forward: vision tower", "forward: the rest", "backward"} <= set(clip)
+    assert all(ms >= 0 for phases in result["phases"].values() for v in phases.values() for ms in v.values())
