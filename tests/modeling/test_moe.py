@@ -127,6 +127,10 @@ def test_capacity_drops_later_choices_first():
     dropless = UniMoeSparseMoeBlock(tiny_config(num_experts=2, num_experts_per_tok=1))
     dropless.load_state_dict(block.state_dict())
     assert (dropless(x)[0].abs().sum(-1) > 0).all()
+    # padding takes no capacity: 4 real tokens of 8, capacity ceil(0.5 * 4 * 1 / 2) = 1
+    mask = torch.tensor([[0, 1, 1, 0, 1, 0, 1, 0]])
+    y, _, _ = block(x, mask)
+    assert (y[0, 1].abs().sum() > 0) and (y[0, [0, 2, 3, 4, 5, 6, 7]] == 0).all()
 
 
 def test_grouped_linear_empty_groups_and_gradients():

@@ -166,9 +166,13 @@ class UniMoeTextModel(UniMoeTextPreTrainedModel):
             position_ids=position_ids,
             **cache_kwargs(cache),
         )
-        token_mask = None  # the current tokens' padding mask, when there is padding: MoE layers skip it
-        if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
-            token_mask = attention_mask[:, -inputs_embeds.shape[1] :]
+        # the current tokens' padding mask, when there is padding: MoE layers skip those tokens (not
+        # checked in one-token decode steps, where it would cost a host sync per token)
+        token_mask = None
+        length = inputs_embeds.shape[1]
+        if attention_mask is not None and attention_mask.dim() == 2 and length > 1:
+            token_mask = attention_mask[:, -length:]
+            token_mask = None if bool(token_mask.all()) else token_mask
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
         all_hidden: list[torch.Tensor] = []

@@ -407,7 +407,8 @@ class UniMoeSparseMoeBlock(nn.Module):
         if token_mask is not None:
             real = token_mask.reshape(-1).to(torch.bool)  # [T]
             order = order[real.repeat(self.top_k)[order]]  # the slots of real tokens, still sorted
-            num_tokens = int(real.sum())
+            if self.capacity_factor is not None:  # capacity counts real tokens only
+                num_tokens = int(real.sum())
         counts = torch.bincount(flat_experts[order], minlength=self.num_experts)  # [E]
         capacity = self.capacity(num_tokens)
         if capacity is not None:
