@@ -404,12 +404,14 @@ class UniMoeSparseMoeBlock(nn.Module):
         # slot j * T + t is token t's j-th choice: sorting by expert keeps first choices first
         flat_experts = experts.t().reshape(-1)  # [k*T]
         order = torch.argsort(flat_experts, stable=True)  # [k*T]
+        routed = flat_experts
         if token_mask is not None:
             real = token_mask.reshape(-1).to(torch.bool)  # [T]
             order = order[real.repeat(self.top_k)[order]]  # the slots of real tokens, still sorted
+            routed = flat_experts[order]
             if self.capacity_factor is not None:  # capacity counts real tokens only
                 num_tokens = int(real.sum())
-        counts = torch.bincount(flat_experts[order], minlength=self.num_experts)  # [E]
+        counts = torch.bincount(routed, minlength=self.num_experts)  # [E]
         capacity = self.capacity(num_tokens)
         if capacity is not None:
             starts = counts.cumsum(0) - counts
