@@ -65,10 +65,10 @@ class DemoSettings:
     n_train: int = 600
     n_heldout: int = 40
     batch_size: int = 16
-    text_steps: int = 600
+    text_steps: int = 1500
     stage1_steps: int = 1000
     stage2_steps: int = 300
-    stage3_steps: int = 1200
+    stage3_steps: int = 800
     encoder_steps: dict[str, int] = field(
         default_factory=lambda: {"vision": 3000, "speech": 600, "audio": 500}
     )
@@ -76,7 +76,7 @@ class DemoSettings:
         default_factory=lambda: {"n_images": 6000, "n_clips": 2000, "n_speech": 600, "n_sounds": 1000}
     )
     lr: dict[str, float] = field(
-        default_factory=lambda: {"text": 3e-3, "stage1": 3e-3, "stage2": 2e-3, "stage3": 2e-3}
+        default_factory=lambda: {"text": 1e-3, "stage1": 3e-3, "stage2": 2e-3, "stage3": 1e-3}
     )
 
     def __post_init__(self) -> None:
