@@ -85,6 +85,8 @@ class DemoSettings:
             self.text_steps, self.stage1_steps, self.stage2_steps, self.stage3_steps = 150, 100, 60, 400
             self.encoder_steps = {"vision": 300, "speech": 100, "audio": 200}
             self.corpus = {"n_images": 600, "n_clips": 200, "n_speech": 120, "n_sounds": 200}
+            # short stages need the larger rates the full run gave up for steadier learning
+            self.lr = {"text": 3e-3, "stage1": 3e-3, "stage2": 2e-3, "stage3": 2e-3}
 
 
 def train_recipe(
