@@ -1,5 +1,6 @@
 """Smoke test of the demo-steps benchmark (``train_step.py --demo-steps``): both versions compute the
-same first loss, the table, profiles and phase tables print, the JSON holds the summary and phases."""
+same first loss, the table, profiles and phase tables print, the JSON holds the summary and phases,
+and the timed data loading reads real media."""
 
 import json
 import subprocess
@@ -33,16 +34,24 @@ def test_quick_run_checks_both_versions_and_writes_json(tmp_path: Path) -> None:
         ("stage3", "after"),
         ("clip", "before"),
         ("clip", "after"),
+        ("clip", "after, 4 frames"),
     ]
     assert all(
         r["steps_per_s"] > 0 and r["first_loss_relative_difference"] <= 1e-5 for r in result["results"]
     )
-    assert set(result["summary"]) == {"stage3_speedup", "clip_speedup"}
-    assert set(result["profiles"]) == {"stage3/before", "stage3/after", "clip/before", "clip/after"}
+    assert set(result["summary"]) == {"stage3_speedup", "clip_speedup", "clip_demo_frames_speedup"}
+    assert set(result["profiles"]) == {
+        "stage3/before",
+        "stage3/after",
+        "clip/before",
+        "clip/after",
+        "clip/after, 4 frames",
+    }
     assert "where a step's time goes" in proc.stdout
     stage3 = result["phases"]["stage3"]["after"]
     assert {"forward: frozen encoders", "forward: LLM decoder layers", "backward", "optimizer"} <= set(stage3)
     assert "data: collate cached samples (later epochs)" in stage3
+    assert "skipping sample" not in proc.stdout + proc.stderr  # the timed data loading found its media
     clip = result["phases"]["clip"]["before"]
     assert {"forward: text tower", "forward: vision tower", "forward: the rest", "backward"} <= set(clip)
     assert all(ms >= 0 for phases in result["phases"].values() for v in phases.values() for ms in v.values())

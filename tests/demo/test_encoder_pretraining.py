@@ -112,6 +112,39 @@ def test_repeated_captions_are_embedded_once_with_the_same_result(tiny, corpus):
             torch.testing.assert_close(grads[name], param.grad, rtol=1e-5, atol=1e-6 + 1e-5 * scale, msg=name)
 
 
+def test_clip_frames_encodes_evenly_spaced_frames_with_the_loss_of_those_frames_alone(tiny, corpus):
+    """With ``clip_frames`` a step encodes that many evenly spaced frames of each clip, from a random
+    first frame; its loss equals that of an objective given only those frames of every clip."""
+    model, processor = tiny
+    pixels = torch.stack([processor.featurize("image", im)[0] for im in corpus.images])
+    clips = torch.stack([processor.featurize("video", list(c))[0] for c in corpus.clips])  # 8 frames
+    data = (pixels, corpus.captions, processor.tokenizer, clips, corpus.clip_captions)
+    subset = ClipObjective(model.model.vision_tower, *data, clip_frames=4)
+    starts = {tuple(subset.frames_to_encode().tolist()) for _ in range(40)}
+    assert starts == {(0, 2, 4, 6), (1, 3, 5, 7)}
+    assert ClipObjective(model.model.vision_tower, *data).frames_to_encode().tolist() == list(range(8))
+    assert ClipObjective(model.model.vision_tower, *data, clip_frames=8).frames_to_encode().tolist() == list(
+        range(8)
+    )
+    for first in (0, 1):
+        subset = ClipObjective(model.model.vision_tower, *data, clip_frames=4)
+        subset.frames_to_encode = lambda first=first: first + 2 * torch.arange(4)
+        alone = ClipObjective(
+            model.model.vision_tower,
+            pixels,
+            corpus.captions,
+            processor.tokenizer,
+            clips[:, first::2].contiguous(),
+            corpus.clip_captions,
+        )
+        alone.clip.load_state_dict(subset.clip.state_dict())
+        index = torch.arange(12)
+        subset.generator.manual_seed(5)
+        alone.generator.manual_seed(5)
+        with torch.no_grad():
+            torch.testing.assert_close(subset.loss(index), alone.loss(index), rtol=1e-6, atol=1e-6)
+
+
 def test_speech_pretraining_learns_transcription(tiny, corpus):
     model, processor = tiny
     encoder = model.model.speech_encoder

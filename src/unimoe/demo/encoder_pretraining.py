@@ -97,7 +97,9 @@ class ClipObjective:
     clip's score averages over the patch tokens of all its frames (the model mean-pools a clip's
     frames, so what every frame's tokens say survives the pooling). ``clip`` holds the tower's layers
     up to ``feature_layer`` only (the later ones cannot change the loss) and a one-layer text tower
-    built for the occasion.
+    built for the occasion. ``clip_frames``: how many evenly spaced frames of each clip a step
+    encodes (from a random first frame; all of them when None): the synthetic clips show their
+    motion in every frame, and the clips' frames are most of a step's images.
     """
 
     def __init__(
@@ -110,9 +112,11 @@ class ClipObjective:
         clip_captions: Sequence[str] = (),
         seed: int = 0,
         feature_layer: int = -2,
+        clip_frames: int | None = None,
     ):
         vision = tower.config
         self.pixel_values, self.clip_pixel_values = pixel_values, clip_pixel_values
+        self.clip_frames = clip_frames
         self.n_images = len(captions)
         self.n_clips = 0 if clip_pixel_values is None else len(clip_pixel_values)
         texts = [*captions, *clip_captions]
@@ -196,11 +200,21 @@ class ClipObjective:
         images = self.pixel_values[index]  # [B, 3, H, W]
         if picked is None:
             return self.contrastive(self.similarity(text_embeds, images, [1] * len(index)))
-        clips = self.clip_pixel_values[picked]  # [B/2, F, 3, H, W]: with the images, one pass
+        clips = self.clip_pixel_values[picked[:, None], self.frames_to_encode()]  # [B/2, f, 3, H, W]
         frames = [1] * len(index) + [clips.shape[1]] * len(picked)
         return self.contrastive(
             self.similarity(text_embeds, torch.cat([images, clips.flatten(0, 1)]), frames)
         )
+
+    def frames_to_encode(self) -> torch.Tensor:
+        """The frame indices a step encodes of each clip: ``clip_frames`` evenly spaced ones from a random
+        first frame, or all of them."""
+        total = self.clip_pixel_values.shape[1]
+        if not self.clip_frames or self.clip_frames >= total:
+            return torch.arange(total)
+        stride = total // self.clip_frames
+        first = torch.randint(stride, (), generator=self.generator)
+        return first + stride * torch.arange(self.clip_frames)
 
     def write_back(self, tower: CLIPVisionModel) -> None:
         """Copies the trained layers into ``tower``; its layers after ``feature_layer`` stay as they were."""
@@ -219,12 +233,21 @@ def pretrain_vision(
     lr: float = 2e-3,
     seed: int = 0,
     feature_layer: int = -2,
+    clip_frames: int | None = None,
 ) -> list[float]:
     """CLIP contrastive pre-training (``ClipObjective``) of ``tower`` on images ``[N, 3, H, W]`` and
     video clips ``[M, F, 3, H, W]`` with their captions; each step holds ``batch_size`` images and
-    half as many clips."""
+    half as many clips, ``clip_frames`` frames of each."""
     objective = ClipObjective(
-        tower, pixel_values, captions, tokenizer, clip_pixel_values, clip_captions, seed, feature_layer
+        tower,
+        pixel_values,
+        captions,
+        tokenizer,
+        clip_pixel_values,
+        clip_captions,
+        seed,
+        feature_layer,
+        clip_frames,
     )
     params = list(objective.clip.parameters())
     losses = _fit(params, objective.loss, len(captions), steps, batch_size, lr, seed, OBJECTIVES["vision"])
@@ -315,10 +338,17 @@ def pretrain_audio(
 
 
 def pretrain_encoders(
-    model, processor, corpus, steps: dict[str, int], num_sound_classes: int, seed: int = 0
+    model,
+    processor,
+    corpus,
+    steps: dict[str, int],
+    num_sound_classes: int,
+    seed: int = 0,
+    clip_frames: int | None = None,
 ) -> dict[str, list[float]]:
     """Pre-trains the encoders of ``model`` that ``steps`` names (``vision``, ``speech``, ``audio``) on
-    ``corpus`` (a ``unimoe.demo.synth.PretrainingCorpus``), featurised by ``processor``.
+    ``corpus`` (a ``unimoe.demo.synth.PretrainingCorpus``), featurised by ``processor``; a CLIP step
+    encodes ``clip_frames`` frames of each clip (``ClipObjective``).
 
     Returns the loss curve per encoder. The encoders are left in eval mode; freezing them is the
     training stages' business.
@@ -336,6 +366,7 @@ def pretrain_encoders(
             corpus.clip_captions,
             steps=steps["vision"],
             seed=seed,
+            clip_frames=clip_frames,
         )
     if steps.get("speech"):  # clips are shorter than a chunk: the first chunk holds the word
         features = torch.cat([processor.featurize("speech", clip)[0][:1] for clip in corpus.speech])

@@ -70,8 +70,9 @@ class DemoSettings:
     stage2_steps: int = 300
     stage3_steps: int = 800
     encoder_steps: dict[str, int] = field(
-        default_factory=lambda: {"vision": 3000, "speech": 600, "audio": 500}
+        default_factory=lambda: {"vision": 3000, "speech": 600, "audio": 200}
     )
+    clip_frames: int = 4  # frames of each clip a CLIP pre-training step encodes (of 8)
     corpus: dict[str, int] = field(
         default_factory=lambda: {"n_images": 6000, "n_clips": 2000, "n_speech": 600, "n_sounds": 1000}
     )
@@ -147,7 +148,13 @@ def run_stages(settings: DemoSettings, data_dir: Path, out: Path) -> dict[str, A
     start = time.time()
     corpus = pretraining_corpus(seed=settings.seed, **settings.corpus)
     results["encoders"] = pretrain_encoders(
-        model, processor, corpus, settings.encoder_steps, len(SOUNDS), seed=settings.seed
+        model,
+        processor,
+        corpus,
+        settings.encoder_steps,
+        len(SOUNDS),
+        seed=settings.seed,
+        clip_frames=settings.clip_frames,
     )
     logger.info("encoder pre-training took %.1f s", time.time() - start)
     base = out / "base"
