@@ -137,6 +137,29 @@ def test_load_video_picks_evenly_spaced_frames(fixtures_dir):
     np.testing.assert_allclose([luma(f) for f in frames], expected * 255 / 219 * 10, atol=2.0)
 
 
+def test_load_video_frames_equal_pyav_own_conversion(tmp_path):
+    """Colourful frames come out exactly as PyAV's per-frame ``to_image()`` gives them."""
+    rng = np.random.default_rng(0)
+    path = tmp_path / "noise.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=8)
+        stream.width = stream.height = 32
+        stream.pix_fmt = "yuv420p"
+        for _ in range(12):
+            pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")))
+        container.mux(stream.encode())
+    with av.open(str(path)) as container:
+        reference = [frame.to_image() for frame in container.decode(video=0)]
+    frames = load_video(path, num_frames=5)
+    wanted = frame_indices(len(reference), 5)
+    assert len(set(wanted.tolist())) == 5
+    for frame, index in zip(frames, wanted):
+        assert frame.mode == "RGB" and frame.size == (32, 32)
+        np.testing.assert_array_equal(np.asarray(frame), np.asarray(reference[index]))
+    assert np.asarray(frames[0]).std() > 20  # not flat: the colour conversion is exercised
+
+
 def test_load_video_repeats_frames_of_short_videos(fixtures_dir):
     frames = load_video(fixtures_dir / "clip_noaudio.mp4", num_frames=30)
     levels = np.round(np.array([luma(f) for f in frames]) / (255 / 219 * 10))

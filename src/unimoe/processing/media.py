@@ -16,6 +16,7 @@ import av
 import numpy as np
 import soundfile as sf
 import soxr
+from av.video.reformatter import VideoReformatter
 from PIL import Image
 
 from unimoe.errors import UniMoeInputError
@@ -235,6 +236,9 @@ def _decode_frames(path: Path, wanted: np.ndarray) -> tuple[dict[int, Image.Imag
     wanted_set, last = set(wanted.tolist()), int(wanted.max())
     picked: dict[int, Image.Image] = {}
     decoded = 0
+    # one colour converter for the file's frames: `frame.to_image()` sets up a new one per frame,
+    # which costs more than decoding a small frame (the same pixels, half the time on 32x32 clips)
+    converter = VideoReformatter()
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         # one decoder thread: spawning FFmpeg's frame threads costs ~10x the decode of a short clip,
@@ -242,7 +246,7 @@ def _decode_frames(path: Path, wanted: np.ndarray) -> tuple[dict[int, Image.Imag
         stream.codec_context.thread_count = 1
         for frame in container.decode(stream):
             if decoded in wanted_set:
-                picked[decoded] = frame.to_image()
+                picked[decoded] = Image.fromarray(converter.reformat(frame, format="rgb24").to_ndarray())
             decoded += 1
             if decoded > last:
                 break
