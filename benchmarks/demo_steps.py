@@ -18,7 +18,12 @@
   a speed-up of the same step; the summary keeps it apart (``clip_demo_frames_speedup``).
 
 Both versions start from the same weights; each round times each once, alternating; medians over
-``--repeats`` rounds. ``--profile`` adds the ``torch.profiler`` table of the top operators of each
+``--repeats`` rounds.
+
+``two jobs``: the demo runs independent jobs side by side, one thread each (``unimoe.demo.background``),
+because a second thread speeds up such small steps little. This times two jobs (``--job-steps`` of the
+demo's CLIP step and half as many stage-3 steps, both "after") one after the other on ``--threads``
+threads against side by side on one thread each, alternating, over ``--job-rounds`` rounds. ``--profile`` adds the ``torch.profiler`` table of the top operators of each
 version and a table of where each step's time goes (data loading, the forward of each part, the
 backward, the optimizer). Data loading is not in the timed steps (the demo encodes its records once
 per run and collates the cached samples afterwards); the table times it on its own.
@@ -45,6 +50,7 @@ from common import Case, environment, format_table, interleaved_times, write_jso
 from torch import nn
 
 from unimoe.data.dataset import Collator, SupervisedDataset
+from unimoe.demo.background import Background
 from unimoe.demo.encoder_pretraining import ClipObjective
 from unimoe.demo.pipeline import RECIPES, STAGE3_CHOICES, DemoSettings
 from unimoe.demo.synth import pretraining_corpus, synthesize
@@ -308,6 +314,42 @@ def profile_table(step: Step, rounds: int, rows: int) -> str:
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
 
 
+def side_by_side(
+    first: Step, second: Step, n_first: int, n_second: int, rounds: int, log: Path
+) -> list[dict]:
+    """Wall seconds of ``n_first`` steps of ``first`` and ``n_second`` of ``second``: one after the
+    other on this process's threads, and side by side (``second`` in a forked process, one thread
+    each); the order alternates per round. A result row per way, with medians."""
+
+    def run(step: Step, n: int) -> None:
+        for _ in range(n):
+            step()
+
+    times: dict[str, list[float]] = {"one after the other": [], "side by side, 1 thread each": []}
+    for r in range(rounds):
+        ways = list(times) if r % 2 == 0 else list(reversed(times))
+        for way in ways:
+            start = time.perf_counter()
+            if way == "one after the other":
+                run(first, n_first)
+                run(second, n_second)
+            else:
+                job = Background(run, second, n_second, log=log, name="second job")
+                run(first, n_first)
+                job.result()
+            times[way].append(time.perf_counter() - start)
+    sequential = statistics.median(times["one after the other"])
+    return [
+        {
+            "way": way,
+            "seconds": statistics.median(values),
+            "speedup": sequential / statistics.median(values),
+            "samples_s": values,
+        }
+        for way, values in times.items()
+    ]
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="few repeats")
@@ -317,8 +359,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--profile", action="store_true", help="print the top operators of each version")
     parser.add_argument("--json", default=None, help="write the results to this JSON file")
+    parser.add_argument(
+        "--job-steps", type=int, default=None, help="CLIP steps per job (default 40, quick 4)"
+    )
+    parser.add_argument("--job-rounds", type=int, default=None, help="two-jobs rounds (default 6, quick 1)")
     args = parser.parse_args(argv)
     args.repeats = args.repeats or (3 if args.quick else 30)
+    args.job_steps = args.job_steps or (4 if args.quick else 40)
+    args.job_rounds = args.job_rounds or (1 if args.quick else 6)
     return args
 
 
@@ -361,6 +409,14 @@ def main(argv: list[str] | None = None) -> int:
                 }
                 for version, step in steps.items():
                     profiles[f"{name}/{version}"] = profile_table(step, rounds=5, rows=15)
+        two_jobs = side_by_side(
+            workloads["clip"][DEMO_FRAMES],
+            workloads["stage3"]["after"],
+            args.job_steps,
+            args.job_steps // 2,
+            args.job_rounds,
+            work / "second-job.log",
+        )
     headers = ["step", "version", "ms/step", "steps/s", "speedup"]
     rows = [
         [r["step"], r["version"], r["step_ms"], r["steps_per_s"], f"{r['speedup']:.2f}x"] for r in results
@@ -373,16 +429,29 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(f"\n{name}: where a step's time goes (median ms over {args.repeats} steps)\n")
         sys.stdout.write(format_table(["phase", *(f"{v} ms" for v in by_version)], table) + "\n\n")
     sys.stdout.write(format_table(headers, rows) + "\n")
+    sys.stdout.write(
+        f"\ntwo jobs: {args.job_steps} of the demo's CLIP steps and {args.job_steps // 2} stage-3 steps "
+        f"(median of {args.job_rounds} rounds)\n"
+    )
+    sys.stdout.write(
+        format_table(
+            ["way", "seconds", "speedup"],
+            [[r["way"], r["seconds"], f"{r['speedup']:.2f}x"] for r in two_jobs],
+        )
+        + "\n"
+    )
     if args.json:
         summary = {f"{r['step']}_speedup": r["speedup"] for r in results if r["version"] == "after"}
         summary.update(
             {f"{r['step']}_demo_frames_speedup": r["speedup"] for r in results if r["version"] == DEMO_FRAMES}
         )
+        summary["two_jobs_side_by_side_speedup"] = two_jobs[1]["speedup"]
         payload = {
             **environment(device, torch.float32, args.threads),
             "repeats": args.repeats,
             "summary": summary,
             "results": results,
+            "two_jobs": two_jobs,
             "phases": phases,
             "profiles": profiles,
         }

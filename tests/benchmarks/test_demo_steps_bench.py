@@ -39,7 +39,14 @@ def test_quick_run_checks_both_versions_and_writes_json(tmp_path: Path) -> None:
     assert all(
         r["steps_per_s"] > 0 and r["first_loss_relative_difference"] <= 1e-5 for r in result["results"]
     )
-    assert set(result["summary"]) == {"stage3_speedup", "clip_speedup", "clip_demo_frames_speedup"}
+    assert set(result["summary"]) == {
+        "stage3_speedup",
+        "clip_speedup",
+        "clip_demo_frames_speedup",
+        "two_jobs_side_by_side_speedup",
+    }
+    assert [r["way"] for r in result["two_jobs"]] == ["one after the other", "side by side, 1 thread each"]
+    assert all(r["seconds"] > 0 for r in result["two_jobs"]) and "two jobs:" in proc.stdout
     assert set(result["profiles"]) == {
         "stage3/before",
         "stage3/after",

@@ -61,6 +61,18 @@ def test_pretraining_corpus_is_deterministic_and_captioned(corpus):
     assert not all(np.array_equal(a, b) for a, b in zip(corpus.images, other.images))
 
 
+def test_pretraining_corpus_parts_do_not_depend_on_each_other(corpus):
+    # the demo makes the vision part and the audio part in two processes
+    vision = pretraining_corpus(seed=3, n_images=48, n_clips=8, n_speech=0, n_sounds=0)
+    audio = pretraining_corpus(seed=3, n_images=0, n_clips=0, n_speech=24, n_sounds=24)
+    assert all(np.array_equal(a, b) for a, b in zip(corpus.clips, vision.clips))
+    assert vision.captions == corpus.captions and vision.clip_captions == corpus.clip_captions
+    assert all(np.array_equal(a, b) for a, b in zip(corpus.speech, audio.speech))
+    assert all(np.array_equal(a, b) for a, b in zip(corpus.sounds, audio.sounds))
+    assert audio.transcripts == corpus.transcripts and audio.sound_labels == corpus.sound_labels
+    assert not vision.speech and not audio.images
+
+
 def test_vision_pretraining_learns_and_writes_back(tiny, corpus):
     model, processor = tiny
     tower = model.model.vision_tower

@@ -2,6 +2,8 @@
 
 import json
 
+import torch
+
 from unimoe.demo import DemoSettings, run_demo
 
 
@@ -27,3 +29,16 @@ def test_short_demo_end_to_end(tmp_path):
     colour = [on_disk["tasks"][t] for t in ("image_color", "video_color")]
     assert sum(r["accuracy"] for r in colour) / 2 > 0.25 + 0.15
     assert sum(r["accuracy"] - r["control_accuracy"] for r in colour) > 0
+    # the warm-up ran beside the CLIP pre-training: its result (stage 1's start) has the trained tower
+    from safetensors.torch import load_file
+
+    from unimoe.presets import build_tiny
+
+    untrained = build_tiny(seed=settings.seed, moe_layers="none")[0].model.vision_tower.state_dict()
+    base, warm = (load_file(out / folder / "model.safetensors") for folder in ("base", "text/final"))
+    tower = {f"vision_tower.{k}": v for k, v in untrained.items() if k.endswith("weight")}
+    assert tower.keys() <= base.keys() and all(torch.equal(base[k], warm[k]) for k in tower)
+    assert any(not torch.equal(base[k], v) for k, v in tower.items())  # trained
+    speech = [k for k in base if k.startswith("speech_encoder.")]
+    assert speech and all(torch.equal(base[k], warm[k]) for k in speech)
+    assert "stage 0: Whisper ASR" in (out / "other-core.log").read_text()  # its progress bars

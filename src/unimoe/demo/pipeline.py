@@ -24,11 +24,15 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from ..evaluation.accuracy import evaluate
 from ..evaluation.routing import plot_losses, plot_routing, routing_counts
@@ -37,6 +41,7 @@ from ..modalities import media_names, placeholder_pattern, token_groups
 from ..presets import build_tiny
 from ..seeding import seed_everything
 from ..training import train, upcycle
+from .background import Background
 from .encoder_pretraining import OBJECTIVES, pretrain_encoders
 from .synth import pretraining_corpus, synthesize
 from .synth_media import SOUNDS
@@ -91,9 +96,15 @@ class DemoSettings:
 
 
 def train_recipe(
-    recipe: str | Path, out: Path, steps: int, lr: float, seed: int, batch_size: int, *overrides: str
+    recipe: str | Path | Mapping[str, Any],
+    out: Path,
+    steps: int,
+    lr: float,
+    seed: int,
+    batch_size: int,
+    *overrides: str,
 ):
-    """Runs the recipe file ``recipe`` through ``train()``, as ``unimoe train`` would, with the run
+    """Runs the recipe ``recipe`` (a file or its contents) through ``train()``, as ``unimoe train`` would, with the run
     length, paths and logging of a short experiment as ``key=value`` overrides (``overrides`` last)."""
     return train(
         recipe,
@@ -114,9 +125,51 @@ def train_recipe(
     )
 
 
-def _train(recipe: str, out: Path, steps: int, lr: float, settings: DemoSettings, *overrides: str):
-    """The shipped tiny recipe ``recipe`` with the demo's seed and batch size (``train_recipe``)."""
-    return train_recipe(RECIPES / recipe, out, steps, lr, settings.seed, settings.batch_size, *overrides)
+def _train(
+    recipe: str | Mapping[str, Any], out: Path, steps: int, lr: float, settings: DemoSettings, *overrides: str
+):
+    """The shipped tiny recipe ``recipe`` (a file name, or its contents) with the demo's seed and batch
+    size (``train_recipe``)."""
+    source = RECIPES / recipe if isinstance(recipe, str) else recipe
+    return train_recipe(source, out, steps, lr, settings.seed, settings.batch_size, *overrides)
+
+
+def _train_experts_on_two_cores(out: Path, settings: DemoSettings, *overrides: str):
+    """Stage 2 with its experts shared between this process and a forked one (``Background``): they
+    are independent, and the fork inherits the samples that stage 1 encoded. The other core's experts
+    are trained in ``out/other-core`` and moved into ``out``; a last run of the whole recipe in ``out``
+    with ``train.resume=true`` finds them all trained, writes ``experts.json`` and returns the result
+    of all of them, in the recipe's order."""
+    recipe = yaml.safe_load((RECIPES / "stage2.yaml").read_text())
+    here, there = recipe["experts"][0::2], recipe["experts"][1::2]
+    steps, lr = settings.stage2_steps, settings.lr["stage2"]
+    elsewhere = out / "other-core"
+    start = time.time()
+    other_core = Background(
+        _train,
+        {**recipe, "experts": there},
+        elsewhere,
+        steps,
+        lr,
+        settings,
+        *overrides,
+        log=out.parent / "other-core.log",
+        name="stage 2 experts " + ", ".join(e["name"] for e in there),
+    )
+    _train({**recipe, "experts": here}, out, steps, lr, settings, *overrides)
+    other_core.result()
+    for folder in ("experts", "connectors"):
+        for path in (elsewhere / folder).iterdir():
+            path.replace(out / folder / path.name)
+    with open(out / "metrics.jsonl", "a") as log:
+        log.write((elsewhere / "metrics.jsonl").read_text())
+    if (elsewhere / "tb").is_dir():
+        for path in (elsewhere / "tb").iterdir():
+            path.replace(out / "tb" / path.name)
+    shutil.rmtree(elsewhere)
+    result = _train(recipe, out, steps, lr, settings, *overrides, "train.resume=true")
+    result.wall_seconds = time.time() - start  # not the sum of the experts' times
+    return result
 
 
 def captioned(records: list[dict]) -> list[dict]:
@@ -136,56 +189,55 @@ def _fill_placeholders(text: str, captions) -> str:
 
 
 def run_stages(settings: DemoSettings, data_dir: Path, out: Path) -> dict[str, Any]:
-    """Stage 0, text warm-up, stages 1-3 and upcycling; returns the stage results (``encoders``: the
-    stage-0 loss curves) and the final model folder."""
-    records = json.loads((data_dir / "train.json").read_text())
-    text_file = out / "captioned.json"
-    text_file.write_text(json.dumps(captioned(records)))
-    data = [f"data.train={data_dir / 'train.json'}", f"data.media_root={data_dir}", "data.cache_encoded=true"]
-    results: dict[str, Any] = {}
+    """The data set, stage 0, text warm-up, stages 1-3 and upcycling; returns the stage results
+    (``encoders``: the stage-0 loss curves, ``data``: the data set's summary).
 
+    Until stage 1, two jobs run side by side on one core each (``Background``): here the CLIP
+    pre-training of the vision tower; in a forked process the data set, the Whisper and BEATs
+    pre-training and the text warm-up (``_data_and_language``). Nothing of one feeds the other: the
+    warm-up trains the LLM alone, and the vision tower joins its result before stage 1.
+    """
+    results: dict[str, Any] = {}
+    (out / "other-core.log").unlink(missing_ok=True)
     model, processor = build_tiny(seed=settings.seed, moe_layers="none")
     start = time.time()
-    corpus = pretraining_corpus(seed=settings.seed, **settings.corpus)
+    other_core = Background(
+        _data_and_language,
+        settings,
+        model,
+        processor,
+        data_dir,
+        out,
+        log=out / "other-core.log",
+        name="data + audio + text",
+    )
+    steps, corpus = settings.encoder_steps, settings.corpus
+    vision_corpus = pretraining_corpus(settings.seed, corpus["n_images"], corpus["n_clips"], 0, 0)
     results["encoders"] = pretrain_encoders(
         model,
         processor,
-        corpus,
-        settings.encoder_steps,
+        vision_corpus,
+        {"vision": steps["vision"]},
         len(SOUNDS),
         seed=settings.seed,
         clip_frames=settings.clip_frames,
     )
-    logger.info("encoder pre-training took %.1f s", time.time() - start)
-    base = out / "base"
-    model.save_pretrained(base)
-    processor.save_pretrained(base)
+    results["data"], audio_losses, results["text"] = other_core.result()
+    results["encoders"].update(audio_losses)
+    logger.info("encoder pre-training, data set and text warm-up took %.1f s", time.time() - start)
+    # both folders get the trained vision tower: base (stage 0's model) and the warm-up's result
+    for folder in (out / "base", results["text"].final_dir):
+        _replace_vision_tower(folder, model)
+    print("[2/4] stage 1 (alignment), stage 2 (experts), upcycling, stage 3 (unified MoE)")
 
     lr = settings.lr
-    results["text"] = _train(
-        "language.yaml",
-        out / "text",
-        settings.text_steps,
-        lr["text"],
-        settings,
-        f"model.path={base}",
-        f"data.train={text_file}",
-        "data.cache_encoded=true",
-    )
+    data = [f"data.train={data_dir / 'train.json'}", f"data.media_root={data_dir}", "data.cache_encoded=true"]
     stage1_model = ["model.preset=null", f"model.path={results['text'].final_dir}"]
     results["stage1"] = _train(
         "stage1.yaml", out / "stage1", settings.stage1_steps, lr["stage1"], settings, *stage1_model, *data
     )
     stage1 = results["stage1"].final_dir
-    results["stage2"] = _train(
-        "stage2.yaml",
-        out / "stage2",
-        settings.stage2_steps,
-        lr["stage2"],
-        settings,
-        f"model.path={stage1}",
-        *data,
-    )
+    results["stage2"] = _train_experts_on_two_cores(out / "stage2", settings, f"model.path={stage1}", *data)
     stage2 = results["stage2"]
     upcycled = upcycle(
         stage1,
@@ -206,6 +258,41 @@ def run_stages(settings: DemoSettings, data_dir: Path, out: Path) -> dict[str, A
         *STAGE3_CHOICES,
     )
     return results
+
+
+def _data_and_language(settings: DemoSettings, model, processor, data_dir: Path, out: Path):
+    """The other core's share of the demo before stage 1: synthesise the data set, pre-train the
+    speech and audio encoders (saved with the rest of ``model`` in ``out/base``), then the text warm-up
+    from ``out/base``. Returns ``(data set summary, their loss curves, the warm-up's TrainResult)``."""
+    summary = synthesize(data_dir, seed=settings.seed, n_train=settings.n_train, n_heldout=settings.n_heldout)
+    records = json.loads((data_dir / "train.json").read_text())
+    text_file = out / "captioned.json"
+    text_file.write_text(json.dumps(captioned(records)))
+    corpus = settings.corpus
+    audio_corpus = pretraining_corpus(settings.seed, 0, 0, corpus["n_speech"], corpus["n_sounds"])
+    steps = {name: settings.encoder_steps[name] for name in ("speech", "audio")}
+    losses = pretrain_encoders(model, processor, audio_corpus, steps, len(SOUNDS), seed=settings.seed)
+    base = out / "base"
+    model.save_pretrained(base)
+    processor.save_pretrained(base)
+    text = _train(
+        "language.yaml",
+        out / "text",
+        settings.text_steps,
+        settings.lr["text"],
+        settings,
+        f"model.path={base}",
+        f"data.train={text_file}",
+        "data.cache_encoded=true",
+    )
+    return summary, losses, text
+
+
+def _replace_vision_tower(folder: Path, model) -> None:
+    """Rewrites the model in ``folder`` with the vision tower of ``model``."""
+    saved = type(model).from_pretrained(folder)
+    saved.model.vision_tower.load_state_dict(model.model.vision_tower.state_dict())
+    saved.save_pretrained(folder)
 
 
 def answerer(engine: UniMoeEngine, media_root: Path, batch_size: int):
@@ -264,13 +351,12 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
     out = Path(settings.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     data_dir = out / "data"
-    print(f"[1/4] synthesising the data set in {data_dir}")
-    summary = synthesize(data_dir, seed=settings.seed, n_train=settings.n_train, n_heldout=settings.n_heldout)
     print(
-        "[2/4] training: stage 0 (encoders), text warm-up, stage 1 (alignment), stage 2 (experts), "
-        "upcycling, stage 3 (unified MoE)"
+        f"[1/4] on one core: stage 0 of the vision encoder (CLIP); on the other: the data set in {data_dir}, "
+        f"stage 0 of the speech and audio encoders, the text warm-up (output in {out / 'other-core.log'})"
     )
     results = run_stages(settings, data_dir, out)
+    summary = results.pop("data")
     final = results["stage3"].final_dir
 
     print(f"[3/4] evaluating {final} on the held-out split")

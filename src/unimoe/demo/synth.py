@@ -221,21 +221,30 @@ def pretraining_corpus(
     image_size: int = 32,
     n_frames: int = 8,
 ) -> PretrainingCorpus:
-    """A corpus disjoint from the instruction set (its own random stream) for encoder pre-training.
+    """A corpus disjoint from the instruction set (its own random streams) for encoder pre-training.
 
+    Each part (images, clips, speech, sounds) draws from a stream of its own, so a part does not depend
+    on the sizes of the others: the demo makes the vision and the audio parts in two processes.
     Speech uses only the training voices, so held-out speech stays unheard.
     """
-    rng = np.random.default_rng([seed, len(SPLITS), 0])
+    image_rng, clip_rng, speech_rng, sound_rng = (
+        np.random.default_rng([seed, len(SPLITS), part]) for part in range(4)
+    )
     ctx = Context(split="train", image_size=image_size, n_frames=n_frames)
-    stills = [shape_image(pick(SHAPES, rng), pick(tuple(COLORS), rng), rng, ctx) for _ in range(n_images)]
+    stills = [
+        shape_image(pick(SHAPES, image_rng), pick(tuple(COLORS), image_rng), image_rng, ctx)
+        for _ in range(n_images)
+    ]
     moving = [
-        moving_clip(pick(SHAPES, rng), pick(tuple(COLORS), rng), pick(DIRECTIONS, rng), rng, ctx)
+        moving_clip(
+            pick(SHAPES, clip_rng), pick(tuple(COLORS), clip_rng), pick(DIRECTIONS, clip_rng), clip_rng, ctx
+        )
         for _ in range(n_clips)
     ]
-    transcripts = [pick(SPEECH_WORDS, rng) for _ in range(n_speech)]
-    speech = [speech_clip(word, rng, ctx) for word in transcripts]
-    sound_labels = [int(rng.integers(len(SOUNDS))) for _ in range(n_sounds)]
-    sounds = [render_sound(SOUNDS[k], rng) for k in sound_labels]
+    transcripts = [pick(SPEECH_WORDS, speech_rng) for _ in range(n_speech)]
+    speech = [speech_clip(word, speech_rng, ctx) for word in transcripts]
+    sound_labels = [int(sound_rng.integers(len(SOUNDS))) for _ in range(n_sounds)]
+    sounds = [render_sound(SOUNDS[k], sound_rng) for k in sound_labels]
     return PretrainingCorpus(
         images=[data for _, data, _ in stills],
         captions=[caption for _, _, caption in stills],
