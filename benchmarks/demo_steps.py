@@ -21,9 +21,10 @@ Both versions start from the same weights; each round times each once, alternati
 ``--repeats`` rounds.
 
 ``two jobs``: the demo runs independent jobs side by side, one thread each (``unimoe.demo.background``),
-because a second thread speeds up such small steps little. This times two jobs (``--job-steps`` of the
-demo's CLIP step and half as many stage-3 steps, both "after") one after the other on ``--threads``
-threads against side by side on one thread each, alternating, over ``--job-rounds`` rounds. ``--profile`` adds the ``torch.profiler`` table of the top operators of each
+because a second thread speeds up such small steps little. This times two jobs of about equal length
+(``--job-steps`` of the demo's CLIP step and as many stage-3 "after" steps as take the same time) one
+after the other on ``--threads`` threads against side by side on one thread each, alternating, over
+``--job-rounds`` rounds. ``--profile`` adds the ``torch.profiler`` table of the top operators of each
 version and a table of where each step's time goes (data loading, the forward of each part, the
 backward, the optimizer). Data loading is not in the timed steps (the demo encodes its records once
 per run and collates the cached samples afterwards); the table times it on its own.
@@ -365,7 +366,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--job-rounds", type=int, default=None, help="two-jobs rounds (default 6, quick 1)")
     args = parser.parse_args(argv)
     args.repeats = args.repeats or (3 if args.quick else 30)
-    args.job_steps = args.job_steps or (4 if args.quick else 40)
+    args.job_steps = args.job_steps or (4 if args.quick else 80)
     args.job_rounds = args.job_rounds or (1 if args.quick else 6)
     return args
 
@@ -409,11 +410,15 @@ def main(argv: list[str] | None = None) -> int:
                 }
                 for version, step in steps.items():
                     profiles[f"{name}/{version}"] = profile_table(step, rounds=5, rows=15)
+        # two jobs of about equal length, as the demo pairs them: as many stage-3 steps as take the time
+        # of the CLIP steps
+        ms = {(r["step"], r["version"]): r["step_ms"] for r in results}
+        stage3_job_steps = max(1, round(args.job_steps * ms["clip", DEMO_FRAMES] / ms["stage3", "after"]))
         two_jobs = side_by_side(
             workloads["clip"][DEMO_FRAMES],
             workloads["stage3"]["after"],
             args.job_steps,
-            args.job_steps // 2,
+            stage3_job_steps,
             args.job_rounds,
             work / "second-job.log",
         )
@@ -430,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(format_table(["phase", *(f"{v} ms" for v in by_version)], table) + "\n\n")
     sys.stdout.write(format_table(headers, rows) + "\n")
     sys.stdout.write(
-        f"\ntwo jobs: {args.job_steps} of the demo's CLIP steps and {args.job_steps // 2} stage-3 steps "
+        f"\ntwo jobs: {args.job_steps} of the demo's CLIP steps and {stage3_job_steps} stage-3 steps "
         f"(median of {args.job_rounds} rounds)\n"
     )
     sys.stdout.write(
@@ -452,6 +457,7 @@ def main(argv: list[str] | None = None) -> int:
             "summary": summary,
             "results": results,
             "two_jobs": two_jobs,
+            "two_jobs_steps": {"clip": args.job_steps, "stage3": stage3_job_steps},
             "phases": phases,
             "profiles": profiles,
         }

@@ -46,3 +46,16 @@ def test_background_reports_a_job_that_died(tmp_path):
     job = Background(_dying_job, log=tmp_path / "job.log")
     with pytest.raises(BackgroundJobError, match="exit code 3"):
         job.result()
+
+
+def test_background_splits_the_threads_and_runs_inline_on_one(tmp_path):
+    try:
+        torch.set_num_threads(4)
+        job = Background(_job, 1, "x", log=tmp_path / "job.log")
+        assert torch.get_num_threads() == 2
+        assert job.result()["threads"] == 2 and torch.get_num_threads() == 4
+        torch.set_num_threads(1)  # nothing to share: the job runs here, when its result is asked for
+        job = Background(_job, 1, "x", log=tmp_path / "job.log")
+        assert job.result()["pid"] == os.getpid()
+    finally:
+        torch.set_num_threads(2)

@@ -1,12 +1,12 @@
-"""Two independent jobs at once, one thread each: the demo's tiny training steps barely use a second core.
+"""Two independent jobs at once, on half the threads each: the demo's tiny steps barely use a second core.
 
 A step of the demo's models is some thousands of small operator calls, so a second intra-op thread
 makes it only 10-20% faster; two independent jobs on one thread each finish sooner than one after the
-other on two. ``Background(fn, *args)`` forks a process that runs ``fn(*args)`` on one thread and
-sets the caller to one thread until ``result()`` hands back the value (sent pickled through a pipe:
-keep it small, and write weights to files). The job's output (progress bars, logging) goes to the file
+other on two. ``Background(fn, *args)`` forks a process that runs ``fn(*args)`` on half of the caller's
+intra-op threads and leaves the caller the other half until ``result()`` hands back the value (sent
+pickled through a pipe: keep it small, and write weights to files). The job's output (progress bars, logging) goes to the file
 ``log`` (appended to), so that the terminal shows the caller's alone. Without ``fork`` (Windows) ``fn`` runs in the
-caller when ``result()`` is asked for.
+caller when ``result()`` is asked for, and so it does on a single thread.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ class BackgroundJobError(RuntimeError):
     """The background job raised or died; the message carries its traceback or exit code."""
 
 
-def _run_child(send, fn: Callable[..., Any], args: tuple, log: Path) -> None:
-    torch.set_num_threads(1)
+def _run_child(send, fn: Callable[..., Any], args: tuple, log: Path, threads: int) -> None:
+    torch.set_num_threads(threads)
     with open(log, "a", buffering=1) as out:  # stdout and stderr, Python's and the C libraries' alike
         os.dup2(out.fileno(), 1)
         os.dup2(out.fileno(), 2)
@@ -41,22 +41,23 @@ def _run_child(send, fn: Callable[..., Any], args: tuple, log: Path) -> None:
 
 
 class Background:
-    """``fn(*args)`` in a forked process on one thread, beside the caller (one thread until ``result``)."""
+    """``fn(*args)`` in a forked process beside the caller, the two on half of its threads each."""
 
     def __init__(self, fn: Callable[..., Any], *args: Any, log: str | Path, name: str = "background job"):
         self.name, self.log, self._fn, self._args = name, Path(log), fn, args
         self._process = None
-        if "fork" not in multiprocessing.get_all_start_methods():
+        self._threads = torch.get_num_threads()
+        if self._threads < 2 or "fork" not in multiprocessing.get_all_start_methods():
             return
         context = multiprocessing.get_context("fork")
         self._receive, send = context.Pipe(duplex=False)
-        self._process = context.Process(target=_run_child, args=(send, fn, args, self.log), name=name)
-        self._threads = torch.get_num_threads()
+        share = self._threads // 2
+        self._process = context.Process(target=_run_child, args=(send, fn, args, self.log, share), name=name)
         sys.stdout.flush()  # else the child inherits (and writes to its log) what the caller has buffered
         sys.stderr.flush()
         self._process.start()
         send.close()
-        torch.set_num_threads(max(1, self._threads - 1))
+        torch.set_num_threads(self._threads - share)
 
     def result(self) -> Any:
         """Waits for the job; its return value, or ``BackgroundJobError`` if it failed."""

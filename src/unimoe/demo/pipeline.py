@@ -4,7 +4,8 @@ Steps: synthesise the data set (real PNG, mp4 and wav files), build the tiny mod
 stage 0 (encoder pre-training, see below), a text warm-up of the LLM, stage 1 (connector alignment),
 stage 2 (one dense FFN expert per modality), upcycling into a 4-expert MoE, stage 3 (unified MoE tuning
 with LoRA), then held-out evaluation next to chance and a media-swap control, the routing figure, the
-loss curves and ``report.json`` in ``runs/demo/``.
+loss curves and ``report.json`` in ``runs/demo/``. Jobs that do not depend on each other run side by
+side on one core each (``run_stages``).
 
 No pretrained weights can be downloaded, so the demo makes up for the two things the real system
 gets from pretraining, on data of its own that is disjoint from the instruction set:
@@ -104,8 +105,9 @@ def train_recipe(
     batch_size: int,
     *overrides: str,
 ):
-    """Runs the recipe ``recipe`` (a file or its contents) through ``train()``, as ``unimoe train`` would, with the run
-    length, paths and logging of a short experiment as ``key=value`` overrides (``overrides`` last)."""
+    """Runs the recipe ``recipe`` (a file or its contents) through ``train()``, as ``unimoe train``
+    would, with the run length, paths and logging of a short experiment as ``key=value`` overrides
+    (``overrides`` last)."""
     return train(
         recipe,
         [
@@ -139,7 +141,8 @@ def _train_experts_on_two_cores(out: Path, settings: DemoSettings, *overrides: s
     are independent, and the fork inherits the samples that stage 1 encoded. The other core's experts
     are trained in ``out/other-core`` and moved into ``out``; a last run of the whole recipe in ``out``
     with ``train.resume=true`` finds them all trained, writes ``experts.json`` and returns the result
-    of all of them, in the recipe's order."""
+    of all of them, in the recipe's order. ``out`` starts empty (no experts or logs of an earlier run)."""
+    shutil.rmtree(out, ignore_errors=True)
     recipe = yaml.safe_load((RECIPES / "stage2.yaml").read_text())
     here, there = recipe["experts"][0::2], recipe["experts"][1::2]
     steps, lr = settings.stage2_steps, settings.lr["stage2"]
