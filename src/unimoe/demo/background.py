@@ -1,7 +1,7 @@
 """Two independent jobs at once, on half the threads each: tiny training steps use a second core poorly.
 
 A step of the demo's models is some thousands of small operator calls, so a second intra-op thread
-makes it only 10-20% faster; two independent jobs on one thread each finish sooner than one after the
+makes it only 10-25% faster; two independent jobs on one thread each finish sooner than one after the
 other on two. ``Background(fn, *args)`` forks a process that runs ``fn(*args)`` on half of the
 caller's intra-op threads and leaves the caller the other half until ``result()`` hands back the value
 (sent pickled through a pipe: keep it small, and write weights to files). The job's output (progress
