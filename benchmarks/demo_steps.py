@@ -361,7 +361,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--profile", action="store_true", help="print the top operators of each version")
     parser.add_argument("--json", default=None, help="write the results to this JSON file")
     parser.add_argument(
-        "--job-steps", type=int, default=None, help="CLIP steps per job (default 40, quick 4)"
+        "--job-steps", type=int, default=None, help="CLIP steps per job (default 80, quick 4)"
     )
     parser.add_argument("--job-rounds", type=int, default=None, help="two-jobs rounds (default 6, quick 1)")
     args = parser.parse_args(argv)
