@@ -7,7 +7,9 @@
   position, the MoE experts through ``torch._grouped_mm`` on every token (padding too), AdamW's
   per-parameter loop and per-tensor gradient clipping. After: the training loop's path (CLIP up to
   its feature layer, one scatter for all media, the LM head at labelled positions only, the
-  per-expert MoE path on real tokens only, fused AdamW, multi-tensor clipping).
+  per-expert MoE path on real tokens only, fused AdamW, multi-tensor clipping, and the frozen
+  encoders' outputs kept per media item: ``data.cache_features``, with which the demo runs its
+  encoders once per item, in the first epoch; the timed steps are later-epoch steps).
 - ``clip``: one step of stage 0's CLIP pre-training of the tiny vision tower (64 images and 32
   8-frame clips). Before: the whole tower (its last layer computed for nothing), SDPA attention,
   images and clip frames in two passes, the text tower on all 96 captions, AdamW's loop and
@@ -55,6 +57,7 @@ from unimoe.demo.background import Background
 from unimoe.demo.encoder_pretraining import ClipObjective
 from unimoe.demo.pipeline import RECIPES, STAGE3_CHOICES, DemoSettings
 from unimoe.demo.synth import pretraining_corpus, synthesize
+from unimoe.modeling.feature_cache import FrozenFeatureCache
 from unimoe.modeling.modeling_unimoe import UniMoeModel
 from unimoe.modeling.modeling_unimoe_text import combine_losses
 from unimoe.modeling.moe import GroupedExperts, UniMoeSparseMoeBlock
@@ -218,9 +221,16 @@ def stage3_steps(args: argparse.Namespace, data_dir: Path, work: Path) -> dict[s
                 if isinstance(part, UniMoeSparseMoeBlock):  # padding tokens through the experts too
                     part.forward = lambda hidden, token_mask=None, forward=part.forward: forward(hidden)
 
+        inner = unwrap_peft(step_module.model).model
+        for encoder in inner.encoders():  # frozen: the training loop runs them in eval mode
+            encoder.eval()
+        if fast:  # the frozen encoders' outputs kept per media item, from the first step on
+            inner.feature_cache = FrozenFeatureCache()
+
         def loss(m: StepModule = step_module, fast: bool = fast) -> torch.Tensor:
             if fast:
-                out, touch = m(num_items_in_batch=float(batch.target_tokens), **batch.inputs)
+                with unwrap_peft(m.model).model.feature_cache.batch(batch.media_items):
+                    out, touch = m(num_items_in_batch=float(batch.target_tokens), **batch.inputs)
             else:
                 out = m.model(
                     **batch.inputs, output_router_logits=True, num_items_in_batch=float(batch.target_tokens)
@@ -232,7 +242,6 @@ def stage3_steps(args: argparse.Namespace, data_dir: Path, work: Path) -> dict[s
             return total + touch
 
         params = [p for p in step_module.parameters() if p.requires_grad]
-        inner = unwrap_peft(step_module.model).model
         vision = inner.vision_tower  # its parts: the feature path calls them without the tower's forward
         vision_parts = [vision.embeddings, vision.pre_layrnorm, *vision.encoder.layers, vision.post_layernorm]
         parts = {

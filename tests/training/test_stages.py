@@ -300,3 +300,36 @@ def test_instruct_stage_tunes_a_widened_dense_model(pipeline: Pipeline, tmp_path
             assert not torch.equal(tensor, tuned[name]), name
         if name.startswith("model.vision_tower.") or "embed_tokens" in name:
             assert torch.equal(tensor, tuned[name]), name
+
+
+def test_cached_encoder_outputs_train_as_the_encoders_do(
+    pipeline: Pipeline, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Stage 3 for two epochs over every modality, with and without ``data.cache_features``: the same
+    losses (fp32; cached rows may round differently from rows of a larger batch), and the second epoch
+    reuses the first one's encoder outputs."""
+    common = [
+        f"data.train={pipeline.data}",
+        f"model.path={pipeline.upcycled}",
+        *QUIET,
+        *OVERFIT,
+        "train.batch_size=4",
+        "data.max_samples=8",
+        "data.group_by_modality=false",
+        "train.epochs=2",
+        "data.cache_encoded=true",
+    ]
+    plain = train(TINY / "stage3.yaml", [*common, f"train.output_dir={tmp_path / 'plain'}"])
+    with caplog.at_level("INFO", logger="unimoe.training.trainer"):
+        cached = train(
+            TINY / "stage3.yaml",
+            [*common, f"train.output_dir={tmp_path / 'cached'}", "data.cache_features=true"],
+        )
+    assert len(plain.losses) == 4
+    torch.testing.assert_close(torch.tensor(cached.losses), torch.tensor(plain.losses), rtol=1e-5, atol=1e-6)
+    reused = [r.getMessage() for r in caplog.records if "frozen encoder outputs" in r.getMessage()]
+    assert reused, "no line on the reused encoder outputs"
+    hits, misses = (int(w) for w in reused[-1].split() if w.isdigit())
+    assert hits == misses > 0  # the second epoch reuses every item of the first
+    with pytest.raises(RecipeError, match="cache_features"):
+        load_recipe(TINY / "stage3.yaml", [*common[:-1], "data.cache_features=true"])

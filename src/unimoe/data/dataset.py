@@ -249,6 +249,8 @@ class TrainBatch:
     ``inputs`` are the model's keyword arguments; ``target_tokens`` counts supervised next-token
     targets (labels after the one-token shift); ``filler`` is true when every sample was bad and
     ``inputs`` hold a text-only stand-in without targets (so that every process still runs a step).
+    ``media_items`` are the samples' media tensors by modality, in the order of their rows in
+    ``inputs`` (what ``FrozenFeatureCache`` keys on).
     """
 
     inputs: dict[str, torch.Tensor]
@@ -257,6 +259,7 @@ class TrainBatch:
     target_tokens: int
     skipped: list[SkippedSample] = field(default_factory=list)
     filler: bool = False
+    media_items: dict[str, list[torch.Tensor]] = field(default_factory=dict)
 
 
 FILLER_RECORD = {
@@ -291,4 +294,5 @@ class Collator:
             target_tokens=int((labels[:, 1:] != IGNORE_INDEX).sum()),
             skipped=skipped,
             filler=not good,
+            media_items={m.name: [t for s in good for t in s.media[m.name]] for m in media()},
         )

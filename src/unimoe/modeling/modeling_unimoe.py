@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from functools import partial
 
 import torch
 from torch import nn
@@ -16,6 +17,7 @@ from ..modalities import MODALITIES, connector_names, encoder_names, media, medi
 from .beats import BEATsModel
 from .configuration_unimoe import UniMoeConfig
 from .connectors import MlpProjector, QFormerConnector, WhisperQueryConnector
+from .feature_cache import FrozenFeatureCache
 from .modeling_unimoe_text import (
     UniMoeCausalLMOutput,
     UniMoeForCausalLM,
@@ -76,6 +78,7 @@ class UniMoeModel(UniMoePreTrainedModel):
             self.audio_connector = QFormerConnector(
                 config.audio_qformer_config, config.audio_num_queries, width
             )
+        self.feature_cache: FrozenFeatureCache | None = None  # see ``media_embeddings``
         self.post_init()
         if config.freeze_encoders:
             for encoder in self.encoders():
@@ -118,26 +121,50 @@ class UniMoeModel(UniMoePreTrainedModel):
                 hidden = layer(hidden, None)
             return hidden[:, 1:]
 
+    def encode_media(
+        self, modality: str, features: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A modality's encoder output, before its connector: one row per image, clip or chunk, each
+        row computed from its own input alone, and the output padding mask where the encoder has one.
+
+        - image ``[N, 3, H, W]`` -> ``[N, P, Dv]``;
+        - video ``[N, F, 3, H, W]`` -> ``[N, P, Dv]`` (frames mean-pooled) or ``[N, F * P, Dv]`` (concat);
+        - speech, Whisper log-mel chunks ``[C, 80, 3000]`` -> ``[C, 1500, d]``;
+        - audio, BEATs fbank chunks ``[C, T, 128]`` (+ padding mask ``[C, T]``) -> ``[C, T', d]`` (+ mask).
+        """
+        kind = MODALITIES[modality].kind
+        if kind == "image":
+            return self.encode_images(features, modality), None
+        if kind == "video":
+            n, f = features.shape[:2]
+            feats = self.encode_images(features.flatten(0, 1), modality)  # [N*F, P, Dv]
+            feats = feats.view(n, f, *feats.shape[1:])  # [N, F, P, Dv]
+            return (feats.mean(dim=1) if self.config.video_pooling == "mean" else feats.flatten(1, 2)), None
+        encoder, _ = self._parts(modality)
+        with self._encoder_context(encoder):
+            if kind == "speech":
+                return encoder(features.to(self.dtype)).last_hidden_state, None
+            return encoder(features.to(self.dtype), mask)
+
+    def connect_media(
+        self, modality: str, encoded: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``encode_media``'s output through the modality's connector: ``[tokens, D]`` LLM inputs."""
+        _, connector = self._parts(modality)
+        out = connector(encoded) if MODALITIES[modality].mask_key is None else connector(encoded, mask)
+        return out.flatten(0, 1)
+
     def image_embeddings(self, pixel_values: torch.Tensor, modality: str = "image") -> torch.Tensor:
         """``[N, 3, H, W]`` -> ``[N * P, D]`` LLM inputs."""
-        _, projector = self._parts(modality)
-        return projector(self.encode_images(pixel_values, modality)).flatten(0, 1)
+        return self.connect_media(modality, *self.encode_media(modality, pixel_values))
 
     def video_embeddings(self, pixel_values_videos: torch.Tensor, modality: str = "video") -> torch.Tensor:
         """``[N, F, 3, H, W]`` -> ``[N * P, D]`` (frames mean-pooled) or ``[N * F * P, D]`` (concat)."""
-        _, projector = self._parts(modality)
-        n, f = pixel_values_videos.shape[:2]
-        feats = self.encode_images(pixel_values_videos.flatten(0, 1), modality)  # [N*F, P, Dv]
-        feats = feats.view(n, f, *feats.shape[1:])  # [N, F, P, Dv]
-        feats = feats.mean(dim=1) if self.config.video_pooling == "mean" else feats.flatten(1, 2)
-        return projector(feats).flatten(0, 1)
+        return self.connect_media(modality, *self.encode_media(modality, pixel_values_videos))
 
     def speech_embeddings(self, speech_features: torch.Tensor, modality: str = "speech") -> torch.Tensor:
         """Whisper log-mel chunks ``[C, 80, 3000]`` -> ``[C * Q, D]``."""
-        encoder, connector = self._parts(modality)
-        with self._encoder_context(encoder):
-            states = encoder(speech_features.to(self.dtype)).last_hidden_state  # [C, 1500, d]
-        return connector(states).flatten(0, 1)
+        return self.connect_media(modality, *self.encode_media(modality, speech_features))
 
     def audio_embeddings(
         self,
@@ -146,27 +173,29 @@ class UniMoeModel(UniMoePreTrainedModel):
         modality: str = "audio",
     ) -> torch.Tensor:
         """BEATs fbank chunks ``[C, T, 128]`` (+ padding mask ``[C, T]``) -> ``[C * Q, D]``."""
-        encoder, connector = self._parts(modality)
-        with self._encoder_context(encoder):
-            feats, mask = encoder(audio_features.to(self.dtype), audio_padding_mask)
-        return connector(feats, mask).flatten(0, 1)
+        return self.connect_media(modality, *self.encode_media(modality, audio_features, audio_padding_mask))
+
+    def _cacheable(self, modality: str) -> bool:
+        """Whether ``feature_cache`` may keep the encoder's outputs: frozen, in eval mode (no dropout)."""
+        encoder, _ = self._parts(modality)
+        return not encoder.training and not any(p.requires_grad for p in encoder.parameters())
 
     def media_embeddings(self, **inputs: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """Connector outputs ``[tokens, D]`` per modality for the media inputs given (keyed by input name,
-        e.g. ``pixel_values``); nothing else is encoded."""
-        embed = {
-            "image": self.image_embeddings,
-            "video": self.video_embeddings,
-            "speech": self.speech_embeddings,
-            "audio": self.audio_embeddings,
-        }
+        e.g. ``pixel_values``); nothing else is encoded. With a ``feature_cache`` that holds the current
+        batch's items, frozen encoders run only on the items it has not seen."""
         out = {}
+        cache = self.feature_cache
         for m in media():
             features = inputs.get(m.input_key)
             if features is None or not features.numel():
                 continue
-            masks = (inputs.get(m.mask_key),) if m.mask_key else ()
-            out[m.name] = embed[m.kind](features, *masks, modality=m.name)
+            mask = inputs.get(m.mask_key) if m.mask_key else None
+            if cache is not None and cache.has_items(m.name) and self._cacheable(m.name):
+                encoded = cache.encode(m.name, features, mask, partial(self.encode_media, m.name))
+            else:
+                encoded = self.encode_media(m.name, features, mask)
+            out[m.name] = self.connect_media(m.name, *encoded)
         return out
 
     def embed_inputs(self, input_ids: torch.LongTensor, **media: torch.Tensor | None) -> torch.Tensor:

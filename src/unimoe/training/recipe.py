@@ -58,7 +58,9 @@ class ModelSpec:
 @dataclass
 class DataSpec:
     """Training data: a JSON list or JSONL file of records; media paths relative to ``media_root``
-    (default: the data file's folder). ``cache_encoded`` keeps encoded samples in memory (small data)."""
+    (default: the data file's folder). ``cache_encoded`` keeps encoded samples in memory (small data);
+    ``cache_features`` also keeps the outputs of the frozen encoders for them, on the model's device
+    (``unimoe.modeling.feature_cache``), so that later epochs run only the trainable parts."""
 
     train: str | None = None
     media_root: str | None = None
@@ -68,6 +70,7 @@ class DataSpec:
     group_by_length: bool = True
     num_workers: int = 0
     cache_encoded: bool = False
+    cache_features: bool = False
 
 
 @dataclass
@@ -365,6 +368,10 @@ def validate(r: Recipe) -> None:
         problems.append("data.train is required (a JSON or JSONL file of records)")
     if not t.output_dir:
         problems.append("train.output_dir is required")
+    if r.data.cache_features and not r.data.cache_encoded:
+        problems.append(
+            "data.cache_features keeps encoder outputs per cached sample: it needs data.cache_encoded=true"
+        )
     for key in ("batch_size", "grad_accum", "epochs", "log_every", "keep_checkpoints"):
         if getattr(t, key) < 1:
             problems.append(f"train.{key} must be >= 1, got {getattr(t, key)}")

@@ -19,6 +19,7 @@ needed overriding to get the points above.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -35,6 +36,7 @@ from ..data.dataset import Collator, SupervisedDataset, TrainBatch
 from ..data.sampler import GroupedBatchSampler
 from ..errors import UniMoeInputError
 from ..modalities import connector_names, media
+from ..modeling.feature_cache import FrozenFeatureCache
 from ..modeling.modeling_unimoe_text import combine_losses
 from ..processing.processor import UniMoeProcessor
 from ..seeding import seed_everything
@@ -235,9 +237,24 @@ class Trainer:
         started = time.perf_counter() - self.state["wall_seconds"]
         window = Throughput()
         self.module.train()
-        for encoder in unwrap_peft(self.model).model.encoders():
+        inner = unwrap_peft(self.model).model
+        for encoder in inner.encoders():
             if not any(p.requires_grad for p in encoder.parameters()):
                 encoder.eval()  # a frozen encoder's features carry no dropout or layer drop
+        if self.recipe.data.cache_features:
+            inner.feature_cache = FrozenFeatureCache()
+        try:
+            self._run(collator, metrics, window, started)
+        finally:
+            if inner.feature_cache is not None:
+                cache, inner.feature_cache = inner.feature_cache, None
+                logger.info("frozen encoder outputs: %d items reused, %d encoded", cache.hits, cache.misses)
+                cache.clear()
+        metrics.close()
+        return self._result(resumed, started)
+
+    def _run(self, collator: Collator, metrics: MetricsLogger, window: Throughput, started: float) -> None:
+        """Epochs until ``total_steps``."""
         while self.state["step"] < self.total_steps:
             before = self.state["step"]
             if self._run_epoch(collator, metrics, window, started):
@@ -248,8 +265,6 @@ class Trainer:
                     )
                 self.state["epoch"] += 1
                 self.state["position"] = 0
-        metrics.close()
-        return self._result(resumed, started)
 
     def _run_epoch(
         self, collator: Collator, metrics: MetricsLogger, window: Throughput, started: float
@@ -289,8 +304,10 @@ class Trainer:
         accum = len(micro)
         for i, batch in enumerate(micro):
             inputs = {k: v.to(engine.device) for k, v in batch.inputs.items()}
+            cache = unwrap_peft(self.model).model.feature_cache
             with engine.sync_context(sync=i == accum - 1):
-                out, touch = engine.forward(num_items_in_batch=per_process_items, **inputs)
+                with cache.batch(batch.media_items) if cache is not None else contextlib.nullcontext():
+                    out, touch = engine.forward(num_items_in_batch=per_process_items, **inputs)
                 weight = 0.0 if batch.filler else 1.0 / accum
                 loss = combine_losses(
                     out.lm_loss, out.aux_loss, out.z_loss, self.aux_coef, self.z_coef, weight
