@@ -77,7 +77,7 @@ class DemoSettings:
     text_steps: int = 1500
     stage1_steps: int = 1000
     stage2_steps: int = 300
-    stage3_steps: int = 800
+    stage3_steps: int = 1200
     encoder_steps: dict[str, int] = field(
         default_factory=lambda: {"vision": 3000, "speech": 600, "audio": 200}
     )
