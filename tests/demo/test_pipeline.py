@@ -47,3 +47,13 @@ def test_short_demo_end_to_end(tmp_path):
     speech = [k for k in base if k.startswith("speech_encoder.")]
     assert speech and all(torch.equal(base[k], warm[k]) for k in speech)
     assert "stage 0: Whisper ASR" in (out / "other-core.log").read_text()  # its progress bars
+    # the warm-up's data: every training record with its captions, the cross-modal ones five times
+    train = json.loads((out / "data" / "train.json").read_text())
+    text = json.loads((out / "captioned.json").read_text())
+    per_task = {r["task"]: sum(1 for x in train if x["task"] == r["task"]) for r in train}
+    for task, n in per_task.items():
+        assert sum(1 for x in text if x["task"] == task) == n * settings.text_repeats.get(task, 1)
+    assert settings.text_repeats == {"cross_speech_image": 5}
+    assert not any(
+        "<image>" in t["value"] or "<speech>" in t["value"] for x in text for t in x["conversations"]
+    )

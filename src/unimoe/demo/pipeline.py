@@ -82,6 +82,9 @@ class DemoSettings:
         default_factory=lambda: {"vision": 3000, "speech": 600, "audio": 200}
     )
     clip_frames: int = 4  # frames of each clip a CLIP pre-training step encodes (of 8)
+    # how many times the text warm-up's data holds each record of a task (default once): in words, the
+    # other tasks copy an answer from the caption, while the cross-modal one compares two of them
+    text_repeats: dict[str, int] = field(default_factory=lambda: {"cross_speech_image": 5})
     corpus: dict[str, int] = field(
         default_factory=lambda: {"n_images": 6000, "n_clips": 2000, "n_speech": 600, "n_sounds": 1000}
     )
@@ -273,7 +276,9 @@ def _data_and_language(settings: DemoSettings, model, processor, data_dir: Path,
     summary = synthesize(data_dir, seed=settings.seed, n_train=settings.n_train, n_heldout=settings.n_heldout)
     records = json.loads((data_dir / "train.json").read_text())
     text_file = out / "captioned.json"
-    text_file.write_text(json.dumps(captioned(records)))
+    repeats = settings.text_repeats
+    text_records = [r for r in captioned(records) for _ in range(repeats.get(r["task"], 1))]
+    text_file.write_text(json.dumps(text_records))
     corpus = settings.corpus
     audio_corpus = pretraining_corpus(settings.seed, 0, 0, corpus["n_speech"], corpus["n_sounds"])
     steps = {name: settings.encoder_steps[name] for name in ("speech", "audio")}
