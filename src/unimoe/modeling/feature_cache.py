@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from itertools import accumulate
 
 import torch
 
@@ -70,9 +71,10 @@ class FrozenFeatureCache:
             if len(missing) == len(items):
                 encoded, out_mask = encode(features, mask)
             else:
-                starts = [0, *torch.tensor(rows).cumsum(0).tolist()]
-                index = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in missing])
-                index = index.to(features.device)
+                starts = [0, *accumulate(rows)]
+                index = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in missing]).to(
+                    features.device
+                )
                 encoded, out_mask = encode(features[index], None if mask is None else mask[index])
             offset = 0
             for i in missing:

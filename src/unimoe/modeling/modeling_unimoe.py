@@ -35,6 +35,11 @@ LEGACY_KEY_RENAMES = (
 )
 
 
+def is_frozen(module: nn.Module) -> bool:
+    """Whether none of ``module``'s parameters trains."""
+    return not any(p.requires_grad for p in module.parameters())
+
+
 class UniMoePreTrainedModel(PreTrainedModel):
     config_class = UniMoeConfig
     config: UniMoeConfig
@@ -99,8 +104,7 @@ class UniMoeModel(UniMoePreTrainedModel):
         self.language_model.embed_tokens = value
 
     def _encoder_context(self, encoder: nn.Module):
-        frozen = not any(p.requires_grad for p in encoder.parameters())
-        return torch.no_grad() if frozen else contextlib.nullcontext()
+        return torch.no_grad() if is_frozen(encoder) else contextlib.nullcontext()
 
     def _parts(self, modality: str) -> tuple[nn.Module, nn.Module]:
         """The encoder and connector of ``modality``."""
@@ -178,7 +182,7 @@ class UniMoeModel(UniMoePreTrainedModel):
     def _cacheable(self, modality: str) -> bool:
         """Whether ``feature_cache`` may keep the encoder's outputs: frozen, in eval mode (no dropout)."""
         encoder, _ = self._parts(modality)
-        return not encoder.training and not any(p.requires_grad for p in encoder.parameters())
+        return not encoder.training and is_frozen(encoder)
 
     def media_embeddings(self, **inputs: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """Connector outputs ``[tokens, D]`` per modality for the media inputs given (keyed by input name,

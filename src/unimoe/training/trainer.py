@@ -37,6 +37,7 @@ from ..data.sampler import GroupedBatchSampler
 from ..errors import UniMoeInputError
 from ..modalities import connector_names, media
 from ..modeling.feature_cache import FrozenFeatureCache
+from ..modeling.modeling_unimoe import is_frozen
 from ..modeling.modeling_unimoe_text import combine_losses
 from ..processing.processor import UniMoeProcessor
 from ..seeding import seed_everything
@@ -75,7 +76,7 @@ class StepModule(nn.Module):
         probes = []
         for name in connector_names():
             module = getattr(base, name, None)
-            if module is not None and name not in fed and any(p.requires_grad for p in module.parameters()):
+            if module is not None and name not in fed and not is_frozen(module):
                 probes.append(module)
         return probes
 
@@ -239,7 +240,7 @@ class Trainer:
         self.module.train()
         inner = unwrap_peft(self.model).model
         for encoder in inner.encoders():
-            if not any(p.requires_grad for p in encoder.parameters()):
+            if is_frozen(encoder):
                 encoder.eval()  # a frozen encoder's features carry no dropout or layer drop
         if self.recipe.data.cache_features:
             inner.feature_cache = FrozenFeatureCache()
