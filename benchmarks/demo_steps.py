@@ -4,17 +4,19 @@
   (experts trained fully, LoRA on attention, routers and connectors trained, encoders frozen) on a
   batch of 16 mixed-task demo samples. Before: the whole CLIP tower (its last layer computed for
   nothing), one ``masked_scatter`` per modality to place the media features, the LM head over every
-  position, the MoE experts through ``torch._grouped_mm`` on every token (padding too), AdamW's
-  per-parameter loop and per-tensor gradient clipping. After: the training loop's path (CLIP up to
-  its feature layer, one scatter for all media, the LM head at labelled positions only, the
-  per-expert MoE path on real tokens only, fused AdamW, multi-tensor clipping, and the frozen
-  encoders' outputs kept per media item: ``data.cache_features``, with which the demo runs its
-  encoders once per item, in the first epoch; the timed steps are later-epoch steps).
+  position, the MoE experts through ``torch._grouped_mm`` on every token (padding too), attention
+  under a ``[B, 1, L, L]`` padding mask, AdamW's per-parameter loop and per-tensor gradient
+  clipping. After: the training loop's path (CLIP up to its feature layer, one scatter for all
+  media, the LM head at labelled positions only, the per-expert MoE path on real tokens only, causal
+  attention without a padding mask on the right-padded batch, fused AdamW, multi-tensor clipping,
+  and the frozen encoders' outputs kept per media item: ``data.cache_features``, with which the
+  demo runs its encoders once per item, in the first epoch; the timed steps are later-epoch steps).
 - ``clip``: one step of stage 0's CLIP pre-training of the tiny vision tower (64 images and 32
   8-frame clips). Before: the whole tower (its last layer computed for nothing), SDPA attention,
   images and clip frames in two passes, the text tower on all 96 captions, AdamW's loop and
-  per-tensor clipping. After: ``ClipObjective`` (the tower up to the feature layer, eager attention,
-  one pass, the text tower once per distinct caption) with fused AdamW and multi-tensor clipping.
+  per-tensor clipping, transformers' quick-GELU. After: ``ClipObjective`` (the tower up to the
+  feature layer, eager attention, one pass, the text tower once per distinct caption, quick-GELU
+  through SiLU's fused kernel) with fused AdamW and multi-tensor clipping.
   A third row, ``after, 4 frames``, is the step the demo runs: the same with 4 evenly spaced frames
   of each clip (``DemoSettings.clip_frames``). It does less work, so its ratio to ``before`` is not
   a speed-up of the same step; the summary keeps it apart (``clip_demo_frames_speedup``).
@@ -51,10 +53,11 @@ from typing import Any
 import torch
 from common import Case, environment, format_table, interleaved_times, write_json
 from torch import nn
+from transformers.activations import QuickGELUActivation
 
 from unimoe.data.dataset import Collator, SupervisedDataset
 from unimoe.demo.background import Background
-from unimoe.demo.encoder_pretraining import ClipObjective
+from unimoe.demo.encoder_pretraining import ClipObjective, QuickGELU
 from unimoe.demo.pipeline import RECIPES, STAGE3_CHOICES, DemoSettings
 from unimoe.demo.synth import pretraining_corpus, synthesize
 from unimoe.modeling.feature_cache import FrozenFeatureCache
@@ -74,13 +77,16 @@ DEMO_FRAMES = f"after, {DemoSettings.clip_frames} frames"  # the demo's CLIP ste
 
 class LegacyClipObjective(ClipObjective):
     """The CLIP pre-training step as it was: the whole tower with SDPA, two passes per step, the text
-    tower on every caption."""
+    tower on every caption, transformers' quick-GELU."""
 
     def __init__(self, tower, *args, feature_layer: int = -2, **kwargs):
         full = -1  # ClipObjective keeps the layers up to its feature layer: all of them here
         super().__init__(tower, *args, feature_layer=full, **kwargs)
         self.feature_layer = feature_layer
         self.clip.set_attn_implementation("sdpa")
+        for module in self.clip.modules():  # transformers' quick-GELU
+            if isinstance(getattr(module, "activation_fn", None), QuickGELU):
+                module.activation_fn = QuickGELUActivation()
 
     def similarity(self, text_embeds, frames, counts):
         """``frames`` ``[B, F, 3, H, W]``: features at ``feature_layer`` from every layer's states."""
@@ -207,6 +213,7 @@ def stage3_steps(args: argparse.Namespace, data_dir: Path, work: Path) -> dict[s
         "data: collate cached samples (later epochs)": lambda: collate(samples),
     }
     coef = module.base_model.model.config.text_config
+    positions = torch.arange(batch.inputs["input_ids"].shape[1])[None]
     steps = {}
     for version in ("before", "after"):
         step_module = StepModule(copy.deepcopy(module)).train()
@@ -231,9 +238,12 @@ def stage3_steps(args: argparse.Namespace, data_dir: Path, work: Path) -> dict[s
             if fast:
                 with unwrap_peft(m.model).model.feature_cache.batch(batch.media_items):
                     out, touch = m(num_items_in_batch=float(batch.target_tokens), **batch.inputs)
-            else:
+            else:  # positions passed: the padding mask reaches attention, as it did
                 out = m.model(
-                    **batch.inputs, output_router_logits=True, num_items_in_batch=float(batch.target_tokens)
+                    **batch.inputs,
+                    position_ids=positions,
+                    output_router_logits=True,
+                    num_items_in_batch=float(batch.target_tokens),
                 )
                 touch = 0.0
             total = combine_losses(

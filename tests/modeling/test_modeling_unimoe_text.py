@@ -136,6 +136,54 @@ def test_right_padded_batch_equals_each_sample_alone():
     torch.testing.assert_close(batched.lm_loss, expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_padded_batch_gradients_equal_each_sample_alone(padding_side, attn, monkeypatch):
+    """Every gradient of a padded training batch's summed loss equals the sum over its samples run alone.
+    A right-padded batch reaches attention with no padding mask (causal attention alone covers its
+    real tokens); a left-padded one keeps its mask."""
+    import unimoe.modeling.modeling_unimoe_text as text_module
+
+    seen = []
+    create = text_module.create_causal_mask
+
+    def spy(**kwargs):
+        seen.append(kwargs["attention_mask"])
+        return create(**kwargs)
+
+    monkeypatch.setattr(text_module, "create_causal_mask", spy)
+    moe = tiny_moe(num_experts=4).train()
+    moe.set_attn_implementation(attn)
+    torch.manual_seed(2)
+    lengths = [7, 4, 2]
+    real = torch.arange(7)[None] < torch.tensor(lengths)[:, None]
+    if padding_side == "left":
+        real = real.flip(1)
+    ids = torch.randint(3, 96, (3, 7)).masked_fill(~real, 0)
+    # a sample alone never predicts its first token; after left padding a padding position would
+    labels = ids.masked_fill(~real, -100)
+    labels[torch.arange(3), real.long().argmax(1)] = -100
+
+    def gradients(**inputs) -> dict[str, torch.Tensor]:
+        moe.zero_grad(set_to_none=True)
+        moe(**inputs, num_items_in_batch=100.0).lm_loss.backward()
+        return {n: p.grad.clone() for n, p in moe.named_parameters() if p.grad is not None}
+
+    batched = gradients(input_ids=ids, attention_mask=real.long(), labels=labels)
+    assert (seen[0] is None) == (padding_side == "right")
+    if padding_side == "left":
+        assert torch.equal(seen[0], real.long())
+    alone = [
+        gradients(input_ids=ids[r : r + 1, real[r]], labels=labels[r : r + 1, real[r]]) for r in range(3)
+    ]
+    assert set(batched) == set(alone[0])
+    for name, grad in batched.items():
+        expected = sum(g.get(name, torch.zeros_like(grad)) for g in alone)
+        torch.testing.assert_close(
+            grad, expected, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}"
+        )
+
+
 def test_save_load_round_trip_and_auto_class(tmp_path):
     moe = tiny_moe(router="softmax_topk", num_experts=8, moe_layers="even", expert_lora_rank=4)
     moe.save_pretrained(tmp_path)

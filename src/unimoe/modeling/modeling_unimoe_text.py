@@ -154,18 +154,12 @@ class UniMoeTextModel(UniMoeTextPreTrainedModel):
             cache = None
         elif cache is None:
             cache = DynamicCache(config=self.config)
-        if position_ids is None:
-            past_seen = cache.get_seq_length() if cache is not None else 0
+        past_seen = cache.get_seq_length() if cache is not None else 0
+        default_positions = position_ids is None
+        if default_positions:
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen
             position_ids = position_ids.unsqueeze(0)
 
-        causal_mask = create_causal_mask(
-            config=self.config,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            **cache_kwargs(cache),
-        )
         # the current tokens' padding mask, when there is padding: MoE layers skip those tokens (not
         # checked in one-token decode steps, where it would cost a host sync per token)
         token_mask = None
@@ -173,6 +167,21 @@ class UniMoeTextModel(UniMoeTextPreTrainedModel):
         if attention_mask is not None and attention_mask.dim() == 2 and length > 1:
             token_mask = attention_mask[:, -length:]
             token_mask = None if bool(token_mask.all()) else token_mask
+        mask = attention_mask
+        if token_mask is not None and not past_seen and default_positions and right_padded(attention_mask):
+            # Right padding and no earlier tokens (training, scoring): causal attention alone gives
+            # every real token the same result, since padding only ever follows real tokens. Without
+            # a padding mask SDPA takes its causal kernels (FlashAttention on GPUs) and no
+            # [B, 1, L, L] mask is built. Padding positions' outputs differ; nothing reads them (later
+            # decode steps mask their cached keys).
+            mask = None
+        causal_mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=mask,
+            position_ids=position_ids,
+            **cache_kwargs(cache),
+        )
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
         all_hidden: list[torch.Tensor] = []
@@ -203,6 +212,11 @@ class UniMoeTextModel(UniMoeTextPreTrainedModel):
             router_logits=tuple(router_logits),
             expert_indices=tuple(expert_indices),
         )
+
+
+def right_padded(attention_mask: torch.Tensor) -> bool:
+    """Whether every row of a 0/1 ``[B, L]`` mask is ones, then zeros only (one host sync)."""
+    return bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
 
 
 def moe_losses(
