@@ -14,9 +14,8 @@
 - ``clip``: one step of stage 0's CLIP pre-training of the tiny vision tower (64 images and 32
   8-frame clips). Before: the whole tower (its last layer computed for nothing), SDPA attention,
   images and clip frames in two passes, the text tower on all 96 captions, AdamW's loop and
-  per-tensor clipping, transformers' quick-GELU. After: ``ClipObjective`` (the tower up to the
-  feature layer, eager attention, one pass, the text tower once per distinct caption, quick-GELU
-  through SiLU's fused kernel) with fused AdamW and multi-tensor clipping.
+  per-tensor clipping. After: ``ClipObjective`` (the tower up to the feature layer, eager attention,
+  one pass, the text tower once per distinct caption) with fused AdamW and multi-tensor clipping.
   A third row, ``after, 4 frames``, is the step the demo runs: the same with 4 evenly spaced frames
   of each clip (``DemoSettings.clip_frames``). It does less work, so its ratio to ``before`` is not
   a speed-up of the same step; the summary keeps it apart (``clip_demo_frames_speedup``).
@@ -53,11 +52,10 @@ from typing import Any
 import torch
 from common import Case, environment, format_table, interleaved_times, write_json
 from torch import nn
-from transformers.activations import QuickGELUActivation
 
 from unimoe.data.dataset import Collator, SupervisedDataset
 from unimoe.demo.background import Background
-from unimoe.demo.encoder_pretraining import ClipObjective, QuickGELU
+from unimoe.demo.encoder_pretraining import ClipObjective
 from unimoe.demo.pipeline import RECIPES, STAGE3_CHOICES, DemoSettings
 from unimoe.demo.synth import pretraining_corpus, synthesize
 from unimoe.modeling.feature_cache import FrozenFeatureCache
@@ -77,16 +75,13 @@ DEMO_FRAMES = f"after, {DemoSettings.clip_frames} frames"  # the demo's CLIP ste
 
 class LegacyClipObjective(ClipObjective):
     """The CLIP pre-training step as it was: the whole tower with SDPA, two passes per step, the text
-    tower on every caption, transformers' quick-GELU."""
+    tower on every caption."""
 
     def __init__(self, tower, *args, feature_layer: int = -2, **kwargs):
         full = -1  # ClipObjective keeps the layers up to its feature layer: all of them here
         super().__init__(tower, *args, feature_layer=full, **kwargs)
         self.feature_layer = feature_layer
         self.clip.set_attn_implementation("sdpa")
-        for module in self.clip.modules():  # transformers' quick-GELU
-            if isinstance(getattr(module, "activation_fn", None), QuickGELU):
-                module.activation_fn = QuickGELUActivation()
 
     def similarity(self, text_embeds, frames, counts):
         """``frames`` ``[B, F, 3, H, W]``: features at ``feature_layer`` from every layer's states."""

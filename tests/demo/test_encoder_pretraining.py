@@ -6,7 +6,6 @@ import torch
 
 from unimoe.demo.encoder_pretraining import (
     ClipObjective,
-    QuickGELU,
     character_ids,
     pretrain_audio,
     pretrain_encoders,
@@ -123,28 +122,6 @@ def test_repeated_captions_are_embedded_once_with_the_same_result(tiny, corpus):
         if name in grads:
             scale = float(param.grad.abs().max())  # sums in another order: fp32 rounding of the largest entry
             torch.testing.assert_close(grads[name], param.grad, rtol=1e-5, atol=1e-6 + 1e-5 * scale, msg=name)
-
-
-def test_fused_quick_gelu_equals_transformers_and_is_used_by_the_objective(tiny):
-    """``QuickGELU`` gives transformers' quick-GELU and its gradient (fp32 rounding) over the range an
-    MLP sees; the objective's towers use it in every MLP."""
-    from transformers.activations import QuickGELUActivation
-
-    torch.manual_seed(0)
-    x = (torch.randn(4096) * torch.logspace(-3, 1.5, 4096)).requires_grad_()
-    ours, theirs = QuickGELU()(x), QuickGELUActivation()(x)
-    torch.testing.assert_close(ours, theirs, rtol=2e-6, atol=1e-7)
-    weight = torch.randn_like(x)
-    (grad_ours,) = torch.autograd.grad(ours, x, weight)
-    (grad_theirs,) = torch.autograd.grad(theirs, x, weight)
-    torch.testing.assert_close(grad_ours, grad_theirs, rtol=2e-6, atol=1e-6)
-    model, processor = tiny
-    pixels = torch.zeros(2, 3, 32, 32)
-    objective = ClipObjective(model.model.vision_tower, pixels, ["a", "b"], processor.tokenizer)
-    activations = [m.activation_fn for m in objective.clip.modules() if hasattr(m, "activation_fn")]
-    layers = objective.clip.vision_model.encoder.layers, objective.clip.text_model.encoder.layers
-    assert len(activations) == sum(len(group) for group in layers)
-    assert all(isinstance(a, QuickGELU) for a in activations)
 
 
 def test_clip_frames_encodes_evenly_spaced_frames_with_the_loss_of_those_frames_alone(tiny, corpus):

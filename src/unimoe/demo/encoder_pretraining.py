@@ -32,7 +32,6 @@ from transformers import (
     CLIPVisionModel,
     WhisperForConditionalGeneration,
 )
-from transformers.activations import QuickGELUActivation
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from ..modeling.beats import BEATsModel
@@ -87,25 +86,6 @@ def _caption_ids(captions: Sequence[str], tokenizer) -> tuple[torch.Tensor, torc
     for i, row in enumerate(rows):
         ids[i, : len(row)], mask[i, : len(row)] = torch.tensor(row), 1
     return ids, mask
-
-
-class QuickGELU(nn.Module):
-    """CLIP's activation ``x * sigmoid(1.702 x)``, computed as ``silu(1.702 x) / 1.702``: the same
-    function, whose backward is one fused SiLU kernel and two scalings instead of five element-wise
-    passes over the MLP's widest activations."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.silu(x * 1.702) / 1.702
-
-
-def use_fused_quick_gelu(model: nn.Module) -> int:
-    """Swaps transformers' quick-GELU in every CLIP MLP of ``model`` for ``QuickGELU``; returns how many."""
-    swapped = 0
-    for module in model.modules():
-        if isinstance(getattr(module, "activation_fn", None), QuickGELUActivation):
-            module.activation_fn = QuickGELU()
-            swapped += 1
-    return swapped
 
 
 class ClipObjective:
@@ -166,7 +146,6 @@ class ClipObjective:
         _load_layers_up_to(self.clip.vision_model, tower.state_dict(), depth)
         # sequences of a few dozen tokens: SDPA's CPU kernels cost more than plain matmuls here
         self.clip.set_attn_implementation("eager")
-        use_fused_quick_gelu(self.clip)
         self.clip.train()
         self.last = self.mask.sum(1) - 1  # the end token: CLIP pools its text there
         self.generator = torch.Generator().manual_seed(seed + 1)
