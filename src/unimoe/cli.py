@@ -47,6 +47,8 @@ def _run_demo(args: argparse.Namespace) -> int:
     from .demo import DemoSettings, run_demo
 
     settings = DemoSettings(out_dir=args.out_dir, seed=args.seed, quick=args.quick)
+    if args.n_heldout is not None:
+        settings.n_heldout = args.n_heldout
     run_demo(settings)
     return 0
 
@@ -99,6 +101,12 @@ def _add_demo_command(subparsers) -> None:
     p.add_argument("--out-dir", default="runs/demo")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="a much shorter run (for tests)")
+    p.add_argument(
+        "--n-heldout",
+        type=int,
+        default=None,
+        help="held-out records per task (default 40): more make a more precise table; training is the same",
+    )
     p.set_defaults(func=_run_demo)
 
 

@@ -57,3 +57,15 @@ def test_short_demo_end_to_end(tmp_path):
     assert not any(
         "<image>" in t["value"] or "<speech>" in t["value"] for x in text for t in x["conversations"]
     )
+
+
+def test_demo_cli_passes_the_heldout_size(monkeypatch):
+    import unimoe.demo as demo
+    from unimoe.cli import main
+
+    seen = []
+    monkeypatch.setattr(demo, "run_demo", seen.append)
+    assert main(["demo", "--quick", "--seed", "3", "--n-heldout", "120", "--out-dir", "x"]) == 0
+    assert (seen[0].seed, seen[0].n_heldout, seen[0].quick, seen[0].out_dir) == (3, 120, True, "x")
+    assert main(["demo", "--quick"]) == 0
+    assert seen[1].n_heldout == DemoSettings(quick=True).n_heldout

@@ -68,6 +68,22 @@ def test_same_seed_gives_identical_json_and_media(synth_dir: Path, tmp_path: Pat
         assert (synth_dir / rel).read_bytes() == (tmp_path / rel).read_bytes(), rel
 
 
+def test_training_split_does_not_depend_on_the_heldout_size(synth_dir: Path, tmp_path: Path) -> None:
+    """A larger held-out split (``unimoe demo --n-heldout``) leaves the training records and media as
+    they were: the same training, a more precise table."""
+    synthesize(tmp_path, seed=1, n_train=N_TRAIN, n_heldout=N_HELDOUT + 4, n_frames=N_FRAMES)
+    train = _load(synth_dir, "train")
+    assert _load(tmp_path, "train") == train
+    media = [
+        v for r in train for value in r.values() for v in (value if isinstance(value, list) else [value])
+    ]
+    media = [v for v in media if isinstance(v, str) and v.startswith("media/")]
+    assert len(media) >= len(train)
+    for rel in media:
+        assert (tmp_path / rel).read_bytes() == (synth_dir / rel).read_bytes(), rel
+    assert len(_load(tmp_path, "heldout")) == len(_load(synth_dir, "heldout")) + 4 * len(TASKS)
+
+
 def test_different_seed_and_task_subset(synth_dir: Path, tmp_path: Path) -> None:
     synthesize(tmp_path / "s2", seed=2, n_train=N_TRAIN, n_heldout=0, tasks=["image_shape"])
     other = (tmp_path / "s2" / "media/img/train-image_shape-00000.png").read_bytes()
